@@ -1,0 +1,81 @@
+"""Filing a file away: archive/ after a verified upload, failed/ with a reason when refused.
+
+Every move is journaled as an intent first (pending_path, pending_state), then done by rename,
+then recorded as done. Recovery finishes whichever half a crash interrupted (`resume_move`).
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+
+from loguru import logger
+
+from agent.config import Config
+from agent.fsutil import durable_move, unique_path, write_durably
+from agent.journal import FileRecord, FileState, Journal
+
+
+class Filer:
+    def __init__(self, config: Config, journal: Journal) -> None:
+        self.config = config
+        self.journal = journal
+
+    def archive_destination(self, record: FileRecord) -> Path:
+        today = datetime.now(UTC)
+        folder = self.config.paths.archive / f"{today:%Y}" / f"{today:%m}" / f"{today:%d}"
+        return unique_path(folder, record.name, str(record.id))
+
+    def archive(self, record: FileRecord) -> FileRecord:
+        dest = self.archive_destination(record)
+        record = self.journal.update(record.id, pending_path=dest, pending_state=FileState.ARCHIVED)
+        record = self.finish_move(record)
+        logger.info("{} archived to {}", record.label, record.local_path)
+        return record
+
+    def quarantine(self, record: FileRecord, reason: str, errors_csv: str | None = None) -> FileRecord:
+        """Move the file, unchanged, to failed/ with <name>.reason.txt (and .errors.csv) beside it."""
+        dest = unique_path(self.config.paths.failed, record.name, str(record.id))
+        record = self.journal.update(
+            record.id, pending_path=dest, pending_state=FileState.FAILED, error=reason
+        )
+        if errors_csv is not None:
+            write_durably(dest.with_name(dest.name + ".errors.csv"), errors_csv)
+        write_durably(dest.with_name(dest.name + ".reason.txt"), reason.rstrip() + "\n")
+        if os.path.lexists(record.local_path):
+            record = self.finish_move(record)
+        else:
+            # Nothing left to move (the file vanished before it was claimed); the reason says so.
+            record = self.journal.update(
+                record.id, state=FileState.FAILED, pending_path=None, pending_state=None,
+                next_attempt_at=None, message=reason,
+            )
+        logger.error("{} failed: {} (see {})", record.label, reason, dest.name + ".reason.txt")
+        return record
+
+    def finish_move(self, record: FileRecord) -> FileRecord:
+        """Do the move the journal holds as an intent, then record it as done."""
+        assert record.pending_path and record.pending_state
+        durable_move(Path(record.local_path), Path(record.pending_path))
+        return self.journal.update(
+            record.id, state=FileState(record.pending_state), local_path=record.pending_path,
+            pending_path=None, pending_state=None, next_attempt_at=None,
+        )
+
+    def resume_move(self, record: FileRecord) -> FileRecord:
+        """Finish a move a crash interrupted: redo the rename, or record the one already done."""
+        assert record.pending_path and record.pending_state
+        if os.path.lexists(record.local_path):
+            if record.pending_state == FileState.FAILED:
+                return self.quarantine(record, record.error or "refused (reason lost in a crash)")
+            return self.finish_move(record)
+        if os.path.lexists(record.pending_path):
+            return self.journal.update(
+                record.id, state=FileState(record.pending_state), local_path=record.pending_path,
+                pending_path=None, pending_state=None, next_attempt_at=None,
+                message="move finished by recovery",
+            )
+        raise FileNotFoundError(
+            f"{record.label}: neither {record.local_path} nor {record.pending_path} exists"
+        )

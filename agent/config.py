@@ -1,0 +1,202 @@
+"""Configuration: one TOML file, validated by pydantic.
+
+Every key has a safe default except the ones that identify the tenant's server. An unknown or
+misspelled key is an error; `load_config` turns every problem into a `ConfigError` whose one-line
+message names the file and the key.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DEFAULT_CONFIG_PATH = Path("/etc/saasquatch-agent/agent.toml")
+CONFIG_ENV_VAR = "SAASQUATCH_AGENT_CONFIG"
+
+
+class ConfigError(Exception):
+    """A configuration problem; the message is one line meant for the operator."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SftpConfig(_Section):
+    host: str
+    port: Annotated[int, Field(ge=1, le=65535)] = 22
+    username: Annotated[str, Field(min_length=1)]
+    private_key: Path
+    known_hosts: Path
+    remote_dir: str = "/"
+    connect_timeout: Annotated[float, Field(gt=0)] = 15.0
+    operation_timeout: Annotated[float, Field(gt=0)] = 60.0
+    keepalive_seconds: Annotated[int, Field(ge=0)] = 15
+
+    @field_validator("remote_dir")
+    @classmethod
+    def _remote_dir_absolute(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("must be an absolute remote path starting with '/'")
+        return value.rstrip("/") or "/"
+
+
+class PathsConfig(_Section):
+    drop: Path = Path("/var/lib/saasquatch-agent/drop")
+    state_dir: Path = Path("/var/lib/saasquatch-agent")
+    archive: Path = Path("/var/lib/saasquatch-agent/archive")
+    failed: Path = Path("/var/lib/saasquatch-agent/failed")
+
+
+class WatchConfig(_Section):
+    settle_seconds: Annotated[float, Field(ge=0)] = 2.0
+    rescan_seconds: Annotated[float, Field(gt=0)] = 60.0
+
+
+class RetryConfig(_Section):
+    initial_delay_seconds: Annotated[float, Field(gt=0)] = 2.0
+    max_delay_seconds: Annotated[float, Field(gt=0)] = 300.0
+    once_max_attempts: Annotated[int, Field(ge=1)] = 3
+
+
+class ImportType(StrEnum):
+    USERS = "users"
+    USER_EVENTS = "user_events"
+    DELETE_USERS = "delete_users"
+    REWARD_REDEMPTIONS = "reward_redemptions"
+
+
+class PerTypeNames(_Section):
+    users: Annotated[str, Field(min_length=1)]
+    user_events: Annotated[str, Field(min_length=1)]
+    delete_users: Annotated[str, Field(min_length=1)]
+    reward_redemptions: Annotated[str, Field(min_length=1)]
+
+    def for_type(self, import_type: ImportType) -> str:
+        return str(getattr(self, import_type.value))
+
+
+class OversizePolicy(StrEnum):
+    SPLIT = "split"
+    REFUSE = "refuse"
+
+
+class ImportsConfig(_Section):
+    prefixes: PerTypeNames = PerTypeNames(
+        users="users",
+        user_events="userEvents",
+        delete_users="deleteUsers",
+        reward_redemptions="rewardRedemptions",
+    )
+    folders: PerTypeNames = PerTypeNames(
+        users="users",
+        user_events="user-events",
+        delete_users="delete-users",
+        reward_redemptions="reward-redemptions",
+    )
+    max_file_bytes: Annotated[int, Field(gt=0)] = 100 * 1024 * 1024
+    max_records: Annotated[int, Field(gt=0)] = 500_000
+    oversize: OversizePolicy = OversizePolicy.SPLIT
+    deletion_guard: bool = True
+
+
+class LogFormat(StrEnum):
+    TEXT = "text"
+    JSON = "json"
+
+
+class LogConfig(_Section):
+    level: str = "INFO"
+    format: LogFormat = LogFormat.TEXT
+
+    @field_validator("level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        upper = value.upper()
+        if upper not in {"TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR")
+        return upper
+
+
+class Config(_Section):
+    sftp: SftpConfig
+    paths: PathsConfig = PathsConfig()
+    watch: WatchConfig = WatchConfig()
+    retry: RetryConfig = RetryConfig()
+    imports: ImportsConfig = ImportsConfig()
+    log: LogConfig = LogConfig()
+    source: Path | None = None
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.paths.state_dir / "spool"
+
+    @property
+    def journal_path(self) -> Path:
+        return self.paths.state_dir / "journal.sqlite3"
+
+
+def resolve_config_path(explicit: str | os.PathLike[str] | None) -> Path:
+    if explicit:
+        return Path(explicit)
+    from_env = os.environ.get(CONFIG_ENV_VAR)
+    if from_env:
+        return Path(from_env)
+    return DEFAULT_CONFIG_PATH
+
+
+def _resolve_relative(data: dict[str, Any], base: Path) -> None:
+    """Make the path-valued keys absolute, relative to the config file's folder."""
+    for section, keys in (("sftp", ("private_key", "known_hosts")),
+                          ("paths", ("drop", "state_dir", "archive", "failed"))):
+        table = data.get(section)
+        if not isinstance(table, dict):
+            continue
+        for key in keys:
+            value = table.get(key)
+            if isinstance(value, str) and value and not os.path.isabs(value):
+                table[key] = str(base / value)
+
+
+def _describe(error: Any) -> str:
+    location = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return f"unknown key '{location}'"
+    if error["type"] == "missing":
+        return f"missing required key '{location}'"
+    return f"key '{location}': {error['msg']}"
+
+
+def parse_config(data: dict[str, Any], source: Path) -> Config:
+    data = dict(data)
+    data.pop("source", None)
+    _resolve_relative(data, source.parent.resolve())
+    try:
+        return Config.model_validate({**data, "source": source})
+    except ValidationError as exc:
+        problems = "; ".join(_describe(err) for err in exc.errors())
+        raise ConfigError(f"{source}: {problems}") from None
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    source = resolve_config_path(path)
+    try:
+        raw = source.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{source}: configuration file not found (pass --config PATH or set {CONFIG_ENV_VAR})"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read configuration: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    if "source" in data:
+        raise ConfigError(f"{source}: unknown key 'source'")
+    return parse_config(data, source)

@@ -1,0 +1,66 @@
+"""Durable file moves: rename plus directory fsync, copy only across filesystems."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from pathlib import Path
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def ensure_dir(path: Path, mode: int = 0o750) -> None:
+    path.mkdir(mode=mode, parents=True, exist_ok=True)
+
+
+def durable_move(src: Path, dst: Path) -> None:
+    """Move src to dst so that after a crash the file is in exactly one of the two places.
+
+    A rename is atomic. Across filesystems it becomes copy, fsync, rename into place, then unlink
+    of the source: a crash in between leaves two copies, never zero, and recovery keys on dst.
+    """
+    ensure_dir(dst.parent)
+    try:
+        os.rename(src, dst)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        staging = dst.with_name(f".{dst.name}.moving")
+        with open(src, "rb") as reader, open(staging, "wb") as writer:
+            shutil.copyfileobj(reader, writer, 1024 * 1024)
+            writer.flush()
+            os.fsync(writer.fileno())
+        os.rename(staging, dst)
+        fsync_dir(dst.parent)
+        os.unlink(src)
+    fsync_dir(dst.parent)
+    if src.parent != dst.parent:
+        fsync_dir(src.parent)
+
+
+def write_durably(path: Path, text: str) -> None:
+    """Write a small text file atomically (temp name, fsync, rename, fsync dir)."""
+    ensure_dir(path.parent)
+    staging = path.with_name(f".{path.name}.tmp")
+    with open(staging, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.rename(staging, path)
+    fsync_dir(path.parent)
+
+
+def unique_path(folder: Path, name: str, tag: str) -> Path:
+    """folder/name, or folder/<stem>-<tag><suffix> when that is taken."""
+    candidate = folder / name
+    if not os.path.lexists(candidate):
+        return candidate
+    stem, dot, suffix = name.partition(".")
+    return folder / (f"{stem}-{tag}{dot}{suffix}" if dot else f"{name}-{tag}")

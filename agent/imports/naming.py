@@ -1,0 +1,88 @@
+"""Remote file names: `<prefix>_<stem>_<YYYYMMDDTHHMMSSZ>_<sha8>[_partKofN].<ext>`.
+
+The name always starts with the type's configured prefix (the server types the file by it), keeps
+the original stem readable, and is unique per content and second. It is built only from ASCII
+letters, digits, `_`, `-` and the one `.` before the extension: unusual characters in the original
+name are replaced by `-`, never passed on, so the name cannot carry a path, `..`, a control
+character or a leading dot. Same inputs, same name.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from datetime import UTC, datetime
+
+from agent.config import ImportsConfig, ImportType
+from agent.imports.types import FileFormat, Refusal, file_format
+
+MAX_REMOTE_NAME = 120
+TIMESTAMP_FORMAT = "%Y%m%dT%H%M%SZ"
+HASH_CHARS = 8
+
+_PREFIX_OK = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}")
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+_RUNS = re.compile(r"[-_]{2,}")
+_HEX = re.compile(r"[0-9a-fA-F]{8,}")
+
+
+def check_prefix(prefix: str) -> None:
+    """Raise ValueError unless the configured prefix is safe to start a remote name with."""
+    if not _PREFIX_OK.fullmatch(prefix) or ".." in prefix:
+        raise ValueError(
+            f"import prefix {prefix!r} is not safe in a remote file name: use 1-40 ASCII letters, "
+            "digits, '_', '-' or '.', starting with a letter or digit, without '..'"
+        )
+
+
+def readable_stem(original_name: str, prefix: str) -> str:
+    """The original name without extension, reduced to `[A-Za-z0-9_-]`, type prefix not repeated."""
+    fmt = file_format(original_name)
+    stem = original_name if isinstance(fmt, Refusal) else original_name[: -len(fmt.value) - 1]
+    decomposed = unicodedata.normalize("NFKD", stem)
+    ascii_only = "".join(ch for ch in decomposed if not unicodedata.combining(ch))
+    cleaned = _RUNS.sub("-", _UNSAFE.sub("-", ascii_only)).strip("-_")
+    folded_prefix = _RUNS.sub("-", _UNSAFE.sub("-", prefix)).strip("-_").lower()
+    if folded_prefix and cleaned.lower().startswith(folded_prefix):
+        rest = cleaned[len(folded_prefix):]
+        if not rest or rest[0] in "-_":
+            cleaned = rest.strip("-_")
+    return cleaned
+
+
+def remote_name(
+    import_type: ImportType,
+    original_name: str,
+    sha256_hex: str,
+    when: datetime,
+    cfg: ImportsConfig,
+    part: tuple[int, int] | None = None,
+    *,
+    max_length: int = MAX_REMOTE_NAME,
+) -> str:
+    """The remote file name for a file (or part k of n of it); ValueError on unusable input.
+
+    `when` must be timezone-aware (it is written in UTC); `original_name` must end in .csv or
+    .jsonl. For the parts of a split file pass the original file's hash and `part=(k, n)`.
+    """
+    prefix = cfg.prefixes.for_type(import_type)
+    check_prefix(prefix)
+    fmt = file_format(original_name)
+    if not isinstance(fmt, FileFormat):
+        raise ValueError(f"cannot name {original_name!r}: {fmt.message}")
+    if when.tzinfo is None or when.utcoffset() is None:
+        raise ValueError("remote_name needs a timezone-aware datetime")
+    if not _HEX.fullmatch(sha256_hex):
+        raise ValueError("sha256_hex must be a hexadecimal digest")
+    tail = f"_{when.astimezone(UTC).strftime(TIMESTAMP_FORMAT)}_{sha256_hex[:HASH_CHARS].lower()}"
+    if part is not None:
+        k, n = part
+        if not 1 <= k <= n:
+            raise ValueError(f"part must be (k, n) with 1 <= k <= n, got {part!r}")
+        tail += f"_part{k}of{n}"
+    tail += f".{fmt.value}"
+    room = max_length - len(prefix) - 1 - len(tail)
+    if room < 0:
+        raise ValueError(f"prefix {prefix!r} leaves no room in a {max_length}-character name")
+    stem = readable_stem(original_name, prefix)[:room].rstrip("-_")
+    return f"{prefix}_{stem}{tail}" if stem else f"{prefix}{tail}"

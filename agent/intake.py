@@ -1,0 +1,281 @@
+"""Intake: wait until a dropped file has settled, claim it into the spool, check it, queue it.
+
+Claiming writes the journal row first and then renames the file out of drop/, so at every instant
+the file is in exactly one place and the journal knows which. Checking hashes the spool copy,
+applies the import rules and fixes the remote name before anything is sent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import stat
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from loguru import logger
+
+from agent.archive import Filer
+from agent.config import Config, ImportsConfig, ImportType, OversizePolicy
+from agent.fsutil import durable_move, fsync_dir
+from agent.imports.naming import remote_name
+from agent.imports.quarantine import errors_csv_text, reason_paragraph
+from agent.imports.split import SplitError, split_file
+from agent.imports.types import FileFormat, Refusal, classify, file_format
+from agent.imports.validate import validate_file
+from agent.journal import FileRecord, FileState, Journal
+from agent.watch import Candidate, DropScanner, entry_problem
+
+HASH_CHUNK = 1024 * 1024
+
+
+def subfolder_of(source_path: Path, drop: Path) -> str | None:
+    return None if source_path.parent == drop else source_path.parent.name
+
+
+class Intake:
+    """Claims and checks files; `on_queued` is told when a file is ready to send."""
+
+    def __init__(self, config: Config, journal: Journal, filer: Filer, scanner: DropScanner,
+                 on_queued: Callable[[], None]) -> None:
+        self.config = config
+        self.journal = journal
+        self.filer = filer
+        self.scanner = scanner
+        self.on_queued = on_queued
+
+    def claim(self, candidate: Candidate) -> FileRecord | None:
+        path, _subfolder = candidate
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            return None
+        problem = entry_problem(info.st_mode)
+        if problem:
+            self.scanner.warn_once(path, problem)
+            return None
+        record = self.journal.add_claim(path.name, path, self.config.spool_dir)
+        try:
+            durable_move(path, Path(record.local_path))
+        except FileNotFoundError:
+            self.journal.delete(record.id)  # taken away by its writer before we could claim it
+            return None
+        except OSError as exc:
+            self.journal.delete(record.id)
+            logger.error("cannot claim {}: {}; it stays in drop/ and will be tried again", path,
+                         exc.strerror or exc)
+            return None
+        self.scanner.forget(path)
+        logger.info("{} claimed ({} bytes)", record.label, info.st_size)
+        return self.check(record)
+
+    def check(self, record: FileRecord) -> FileRecord:
+        """Hash the claimed file, apply the import rules, fix the remote name, queue it."""
+        spool_path = Path(record.local_path)
+        try:
+            size, digest = _hash_regular_file(spool_path)
+        except _NotRegular as exc:
+            return self.filer.quarantine(record, f"{record.name} {exc}; it was not read")
+        except OSError as exc:
+            return self.filer.quarantine(
+                record, f"{record.name} could not be read ({exc.strerror or exc}); check its"
+                " permissions and drop it again"
+            )
+        subfolder = subfolder_of(Path(record.source_path), self.config.paths.drop)
+        verdict = admit(spool_path, record.name, subfolder, digest, self.config.imports)
+        record = self.journal.update(record.id, size=size, sha256=digest,
+                                     import_type=verdict.import_type)
+        if verdict.refusal is not None:
+            return self.filer.quarantine(record, verdict.refusal, verdict.errors_csv)
+        if verdict.split_format is not None:
+            return self._split(record, verdict.split_format)
+        record = self.journal.update(
+            record.id, state=FileState.QUEUED, remote_name=verdict.remote_name,
+            message=f"queued as {verdict.remote_name}",
+        )
+        if verdict.deletes:
+            logger.warning("{} is a user-deletion file: sending it will permanently delete {} user(s)",
+                           record.label, verdict.deletes)
+        logger.info("{} queued as {} ({})", record.label, record.remote_name, record.import_type)
+        self.on_queued()
+        return record
+
+    def _split(self, record: FileRecord, fmt: FileFormat) -> FileRecord:
+        """Cut a valid, oversized file into parts; each part becomes a file of its own.
+
+        The parts are written to a staging folder; then one transaction records every part and the
+        original's move to archive/ (state `split`); a crash before that commit splits again.
+        """
+        staging = self.config.spool_dir / f"split-{record.id:08d}"
+        if staging.exists():
+            shutil.rmtree(staging)  # parts of an attempt a crash cut short; no row names them
+        staging.mkdir()
+        limits = self.config.imports
+        try:
+            parts = split_file(record.local_path, fmt, limits.max_file_bytes, limits.max_records, staging)
+        except SplitError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            return self.filer.quarantine(
+                record, f"{record.name} is too large for one upload and could not be split: {exc}."
+                " Split it by hand into files within the limits and drop those; nothing was sent."
+            )
+        fsync_dir(self.config.spool_dir)
+        dest = self.filer.archive_destination(record)
+        part_records = self.journal.add_parts(record.id, parts, dest, FileState.SPLIT)
+        logger.info("{} is over the per-file limits; split into {} parts", record.label, len(parts))
+        self.filer.finish_move(self.journal.get(record.id))
+        for part in part_records:
+            self.check(part)
+        return self.journal.get(record.id)
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What the import rules decided for one file."""
+
+    import_type: ImportType | None = None
+    remote_name: str | None = None
+    refusal: str | None = None  # the reason paragraph, when refused
+    errors_csv: str | None = None
+    split_format: FileFormat | None = None  # set when a valid file must be split first
+    deletes: int = 0
+
+
+def admit(path: Path, name: str, subfolder: str | None, digest: str, cfg: ImportsConfig) -> Admission:
+    classification = classify(name, subfolder, cfg)
+    if classification.refusal is not None or classification.import_type is None:
+        assert classification.refusal is not None
+        return Admission(refusal=reason_paragraph(name, classification.refusal))
+    import_type = classification.import_type
+    fmt = file_format(name)
+    if isinstance(fmt, Refusal):
+        return Admission(import_type, refusal=reason_paragraph(name, fmt))
+    report = validate_file(path, import_type, cfg, fmt=fmt)
+    if not report.ok:
+        return Admission(import_type, refusal=reason_paragraph(name, report),
+                         errors_csv=errors_csv_text(report))
+    if report.over_limits:
+        if cfg.oversize == OversizePolicy.REFUSE:
+            return Admission(import_type, refusal=reason_paragraph(name, report))
+        return Admission(import_type, split_format=fmt)
+    return Admission(import_type, remote_name=remote_name(import_type, name, digest, datetime.now(UTC), cfg),
+                     deletes=report.deletes)
+
+
+class _NotRegular(Exception):
+    pass
+
+
+def _hash_regular_file(path: Path) -> tuple[int, str]:
+    """Size and SHA-256, refusing anything but a regular file (no link is followed, no FIFO blocks)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == 40:  # ELOOP: a symlink was swapped in
+            raise _NotRegular("is a symbolic link") from None
+        raise
+    with os.fdopen(fd, "rb") as handle:
+        problem = entry_problem(os.fstat(fd).st_mode)
+        if problem:
+            raise _NotRegular(problem)
+        digest = hashlib.sha256()
+        size = 0
+        while chunk := handle.read(HASH_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
+class SettleQueue:
+    """Holds noticed paths until each has been unchanged for `settle_seconds`, then claims it.
+
+    Waits on a condition variable, never polls: idle costs nothing.
+    """
+
+    def __init__(self, settle_seconds: float, claim: Callable[[Candidate], object]) -> None:
+        self.settle_seconds = settle_seconds
+        self._claim = claim
+        # path -> (candidate, (size, mtime_ns) last seen, when that signature was first seen)
+        self._pending: dict[Path, tuple[Candidate, tuple[int, int] | None, float]] = {}
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._claiming = False
+        self._thread = threading.Thread(target=self._run, name="intake", daemon=True)
+
+    def notice(self, candidate: Candidate) -> None:
+        with self._cond:
+            if candidate[0] not in self._pending:
+                self._pending[candidate[0]] = (candidate, None, time.monotonic())
+            self._cond.notify()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    def idle(self) -> bool:
+        """Nothing waiting to settle and no claim in progress."""
+        with self._cond:
+            return not self._pending and not self._claiming
+
+    def settled_now(self) -> list[Candidate]:
+        """Take every pending path that has settled."""
+        ready: list[Candidate] = []
+        with self._cond:
+            for path in list(self._pending):
+                if self._age(path) >= self.settle_seconds:
+                    ready.append(self._pending.pop(path)[0])
+            self._claiming = bool(ready)
+        return ready
+
+    def _age(self, path: Path) -> float:
+        """Seconds the file has been unchanged: by its mtime, or by our own watching of its size and
+        mtime (which copes with an mtime in the future). Infinite when it is gone or not a regular
+        file: claiming then decides what to say."""
+        try:
+            info = os.lstat(path)
+        except OSError:
+            return float("inf")
+        if not stat.S_ISREG(info.st_mode):
+            return float("inf")
+        candidate, signature, since = self._pending[path]
+        now = time.monotonic()
+        current = (info.st_size, info.st_mtime_ns)
+        if current != signature:
+            self._pending[path] = (candidate, current, now)
+            since = now if signature is not None else since
+        return max(time.time() - info.st_mtime, now - since)
+
+    def _next_wait(self) -> float | None:
+        if not self._pending:
+            return None
+        ages = [self._age(path) for path in list(self._pending)]
+        return min(max(0.05, self.settle_seconds - age) for age in ages)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if self._stopping:
+                    return
+                self._cond.wait(self._next_wait())
+                if self._stopping:
+                    return
+            try:
+                for candidate in self.settled_now():
+                    try:
+                        self._claim(candidate)
+                    except Exception:  # noqa: BLE001 - one bad file must not stop intake
+                        logger.exception("intake of {} failed; it will be retried at the next rescan",
+                                         candidate[0])
+            finally:
+                with self._cond:
+                    self._claiming = False

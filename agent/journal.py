@@ -1,0 +1,267 @@
+"""The journal: one SQLite row per file, the single truth about where each file is.
+
+WAL mode with synchronous=FULL, so a committed transition survives a power cut. One connection,
+guarded by a lock, is shared by the daemon's threads; readers such as `status` open their own.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+
+class FileState(StrEnum):
+    CLAIMED = "claimed"  # row written; the file is being moved into the spool and checked
+    QUEUED = "queued"  # in the spool, checked, remote name fixed, waiting to be sent
+    UPLOADING = "uploading"  # an upload started; the remote side may hold a temporary file
+    UPLOADED = "uploaded"  # published under its final remote name, verified by size
+    ARCHIVED = "archived"  # final: local copy in archive/
+    FAILED = "failed"  # final: local copy in failed/ with a reason file
+    SPLIT = "split"  # final: over the limits, sent as parts (rows of their own); original archived
+
+
+FINAL_STATES = frozenset({FileState.ARCHIVED, FileState.FAILED, FileState.SPLIT})
+ACTIVE_STATES = (FileState.QUEUED, FileState.UPLOADING, FileState.UPLOADED)  # work left to do
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    source_path TEXT NOT NULL,
+    local_path TEXT NOT NULL,
+    pending_path TEXT,
+    pending_state TEXT,
+    size INTEGER,
+    sha256 TEXT,
+    import_type TEXT,
+    remote_name TEXT,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    next_attempt_at REAL,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS files_state ON files (state, next_attempt_at);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY,
+    file_id INTEGER NOT NULL,
+    at TEXT NOT NULL,
+    state TEXT NOT NULL,
+    message TEXT
+);
+CREATE INDEX IF NOT EXISTS events_file ON events (file_id);
+"""
+
+_COLUMNS = (
+    "id", "name", "source_path", "local_path", "pending_path", "pending_state", "size", "sha256",
+    "import_type", "remote_name", "state", "attempts", "error", "next_attempt_at", "created_at",
+    "updated_at",
+)
+_UPDATABLE = frozenset(_COLUMNS) - {"id", "created_at", "updated_at"}
+
+
+def utc_now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    id: int
+    name: str
+    source_path: str
+    local_path: str
+    pending_path: str | None
+    pending_state: str | None
+    size: int | None
+    sha256: str | None
+    import_type: str | None
+    remote_name: str | None
+    state: FileState
+    attempts: int
+    error: str | None
+    next_attempt_at: float | None
+    created_at: str
+    updated_at: str
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> FileRecord:
+        values = dict(zip(_COLUMNS, row, strict=True))
+        values["state"] = FileState(values["state"])
+        return cls(**values)
+
+    @property
+    def label(self) -> str:
+        """How log lines name the file: journal id and original name."""
+        return f"#{self.id} {self.name!r}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "remote_name": self.remote_name,
+            "import_type": self.import_type,
+            "state": self.state.value,
+            "size": self.size,
+            "sha256": self.sha256,
+            "error": self.error,
+            "attempts": self.attempts,
+            "next_attempt_at": (
+                datetime.fromtimestamp(self.next_attempt_at, UTC).isoformat().replace("+00:00", "Z")
+                if self.next_attempt_at is not None else None
+            ),
+            "local_path": self.local_path,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        }
+
+
+class Journal:
+    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+        self.path = path
+        if readonly:
+            self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+        else:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        self._db.execute("PRAGMA busy_timeout=10000")
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _select(self, where: str = "", params: tuple[Any, ...] = (), tail: str = "") -> list[FileRecord]:
+        sql = f"SELECT {', '.join(_COLUMNS)} FROM files {where} {tail}"
+        with self._lock:
+            rows = self._db.execute(sql, params).fetchall()
+        return [FileRecord.from_row(row) for row in rows]
+
+    def add_claim(self, name: str, source_path: Path, spool_dir: Path) -> FileRecord:
+        """Write the row before the file moves, so a crash mid-claim is always found again."""
+        now = utc_now_iso()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            cursor = self._db.execute(
+                "INSERT INTO files (name, source_path, local_path, state, created_at, updated_at)"
+                " VALUES (?, ?, '', ?, ?, ?)",
+                (name, str(source_path), FileState.CLAIMED.value, now, now),
+            )
+            file_id = int(cursor.lastrowid or 0)
+            local = spool_dir / f"{file_id:08d}"
+            self._db.execute("UPDATE files SET local_path = ? WHERE id = ?", (str(local), file_id))
+            self._db.execute(
+                "INSERT INTO events (file_id, at, state, message) VALUES (?, ?, ?, ?)",
+                (file_id, now, FileState.CLAIMED.value, f"claimed from {source_path}"),
+            )
+            self._db.execute("COMMIT")
+        return self.get(file_id)
+
+    def add_parts(self, parent_id: int, parts: list[Path], parent_dest: Path,
+                  parent_state: FileState) -> list[FileRecord]:
+        """Record every part (state `claimed`, where it lies) and the parent's move, in one commit."""
+        now = utc_now_iso()
+        ids = []
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            for part in parts:
+                cursor = self._db.execute(
+                    "INSERT INTO files (name, source_path, local_path, state, created_at, updated_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (part.name, str(part), str(part), FileState.CLAIMED.value, now, now),
+                )
+                ids.append(int(cursor.lastrowid or 0))
+                self._db.execute(
+                    "INSERT INTO events (file_id, at, state, message) VALUES (?, ?, ?, ?)",
+                    (ids[-1], now, FileState.CLAIMED.value, f"part of #{parent_id}"),
+                )
+            self._db.execute(
+                "UPDATE files SET pending_path = ?, pending_state = ?, updated_at = ? WHERE id = ?",
+                (str(parent_dest), parent_state.value, now, parent_id),
+            )
+            self._db.execute(
+                "INSERT INTO events (file_id, at, state, message) VALUES (?, ?, ?, ?)",
+                (parent_id, now, FileState.CLAIMED.value, f"split into parts #{ids[0]}..#{ids[-1]}"),
+            )
+            self._db.execute("COMMIT")
+        return [self.get(file_id) for file_id in ids]
+
+    def update(self, file_id: int, message: str | None = None, **fields: Any) -> FileRecord:
+        """Change fields of one row in one transaction; a state change is also logged as an event."""
+        unknown = set(fields) - _UPDATABLE
+        if unknown:
+            raise ValueError(f"not journal columns: {sorted(unknown)}")
+        now = utc_now_iso()
+        values = {key: (val.value if isinstance(val, StrEnum) else val) for key, val in fields.items()}
+        values = {key: (str(val) if isinstance(val, Path) else val) for key, val in values.items()}
+        assignments = ", ".join(f"{key} = ?" for key in values)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute(
+                f"UPDATE files SET {assignments}, updated_at = ? WHERE id = ?",
+                (*values.values(), now, file_id),
+            )
+            if "state" in values or message:
+                state = values.get("state")
+                if state is None:
+                    state = self._db.execute("SELECT state FROM files WHERE id = ?", (file_id,)).fetchone()[0]
+                self._db.execute(
+                    "INSERT INTO events (file_id, at, state, message) VALUES (?, ?, ?, ?)",
+                    (file_id, now, state, message),
+                )
+            self._db.execute("COMMIT")
+        return self.get(file_id)
+
+    def delete(self, file_id: int) -> None:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("DELETE FROM events WHERE file_id = ?", (file_id,))
+            self._db.execute("DELETE FROM files WHERE id = ?", (file_id,))
+            self._db.execute("COMMIT")
+
+    def get(self, file_id: int) -> FileRecord:
+        rows = self._select("WHERE id = ?", (file_id,))
+        if not rows:
+            raise KeyError(file_id)
+        return rows[0]
+
+    def all(self) -> list[FileRecord]:
+        return self._select(tail="ORDER BY id")
+
+    def unfinished(self) -> list[FileRecord]:
+        final = tuple(state.value for state in FINAL_STATES)
+        return self._select(f"WHERE state NOT IN ({', '.join('?' * len(final))})", final, "ORDER BY id")
+
+    def next_sendable(self, now: float | None = None) -> tuple[FileRecord | None, float | None]:
+        """The oldest file due for sending, else None and the time the next one falls due."""
+        now = time.time() if now is None else now
+        states = tuple(state.value for state in ACTIVE_STATES)
+        marks = ", ".join("?" * len(states))
+        due = self._select(
+            f"WHERE state IN ({marks}) AND (next_attempt_at IS NULL OR next_attempt_at <= ?)",
+            (*states, now), "ORDER BY id LIMIT 1",
+        )
+        if due:
+            return due[0], None
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT MIN(next_attempt_at) FROM files WHERE state IN ({marks})", states
+            ).fetchone()
+        return None, (row[0] if row and row[0] is not None else None)
+
+    def count_in(self, states: tuple[FileState, ...]) -> int:
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT COUNT(*) FROM files WHERE state IN ({', '.join('?' * len(states))})",
+                tuple(state.value for state in states),
+            ).fetchone()
+        return int(row[0])
+

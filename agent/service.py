@@ -1,0 +1,159 @@
+"""The daemon's lifecycle: start-up recovery, the threads and jobs, signals, clean stop."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import IO
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from loguru import logger
+
+from agent.archive import Filer
+from agent.config import Config
+from agent.fsutil import ensure_dir
+from agent.intake import Intake, SettleQueue
+from agent.journal import ACTIVE_STATES, FileState, Journal
+from agent.sftp import SftpSession
+from agent.upload import Uploader, UploadWorker
+from agent.watch import DropScanner, DropWatcher
+
+STOP_TIMEOUT_SECONDS = 10.0
+
+
+class AlreadyRunning(Exception):
+    pass
+
+
+class Agent:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        paths = config.paths
+        for folder in (paths.state_dir, config.spool_dir, paths.archive, paths.failed):
+            ensure_dir(folder)
+        self._lock_file = _take_lock(paths.state_dir / "agent.lock")
+        self.journal = Journal(config.journal_path)
+        self.filer = Filer(config, self.journal)
+        self.scanner = DropScanner(paths.drop, _type_folders(config))
+        self.scanner.create_folders()
+        self.session = SftpSession(config.sftp)
+        self.uploader = Uploader(config, self.journal, self.filer, self.session)
+        self.worker = UploadWorker(self.uploader, self.journal)
+        self.intake = Intake(config, self.journal, self.filer, self.scanner, self.worker.wake)
+        self.settle = SettleQueue(config.watch.settle_seconds, self.intake.claim)
+        self.watcher: DropWatcher | None = None
+        self.scheduler: BackgroundScheduler | None = None
+
+    def recover(self) -> None:
+        """Bring every unfinished row and the disk into agreement before any new work starts."""
+        for record in self.journal.unfinished():
+            local_exists = os.path.lexists(record.local_path)
+            if record.pending_path:
+                self.filer.resume_move(record)
+            elif record.state == FileState.CLAIMED:
+                if local_exists:
+                    self.intake.check(record)
+                elif os.path.lexists(record.source_path):
+                    self.journal.delete(record.id)  # the rename never happened; drop/ still has it
+                else:
+                    self.filer.quarantine(record, f"{record.name} disappeared from drop/ while it"
+                                          " was being claimed; nothing was uploaded")
+            elif not local_exists:
+                self.filer.quarantine(record, f"the claimed copy of {record.name} ({record.local_path})"
+                                      " is missing from the spool; it cannot be uploaded")
+            else:
+                logger.info("{} resumes in state {}", record.label, record.state.value)
+
+    def rescan(self) -> None:
+        for candidate in self.scanner.scan():
+            self.settle.notice(candidate)
+
+    def start(self) -> None:
+        self.recover()
+        self.worker.start()
+        self.settle.start()
+        self.watcher = DropWatcher(self.scanner, self.settle.notice)
+        self.watcher.start()
+        self.scheduler = BackgroundScheduler(timezone="UTC")
+        self.scheduler.add_job(self.rescan, "interval", seconds=self.config.watch.rescan_seconds,
+                               id="rescan", coalesce=True, max_instances=1)
+        self.scheduler.start()
+        self.rescan()
+        logger.info("watching {} (settle {} s, rescan every {} s); uploading to {}@{}:{}{}",
+                    self.config.paths.drop, self.config.watch.settle_seconds,
+                    self.config.watch.rescan_seconds, self.config.sftp.username,
+                    self.config.sftp.host, self.config.sftp.port, self.config.sftp.remote_dir)
+
+    def stop(self, timeout: float = STOP_TIMEOUT_SECONDS) -> None:
+        deadline = time.monotonic() + timeout
+        if self.watcher is not None:
+            self.watcher.stop()
+        if self.scheduler is not None:
+            self.scheduler.shutdown(wait=False)
+        self.settle.stop(max(0.1, deadline - time.monotonic()))
+        if not self.worker.stop(max(0.1, deadline - time.monotonic())):
+            logger.warning("the upload in flight did not stop in time; it resumes at the next start")
+        self.journal.close()
+        self._lock_file.close()
+
+    def run_once(self) -> int:
+        """Take what is in drop/ now, send it, file it; 0 when every file ended archived."""
+        start_ids = {record.id for record in self.journal.unfinished()}
+        first_new_id = max((r.id for r in self.journal.all()), default=0) + 1
+        self.recover()
+        self.worker.start()
+        self.settle.start()
+        self.rescan()
+        limit = self.config.retry.once_max_attempts
+        while True:
+            if self.settle.idle() and not self.worker.busy.is_set():
+                active = [r for r in self.journal.unfinished() if r.state in ACTIVE_STATES]
+                if all(r.attempts >= limit for r in active):
+                    break
+            time.sleep(0.05)
+        outcome = [r for r in self.journal.all() if r.id in start_ids or r.id >= first_new_id]
+        self.stop()
+        not_done = [r for r in outcome if r.state != FileState.ARCHIVED]
+        for record in not_done:
+            logger.error("{} ended {}: {}", record.label, record.state.value, record.error)
+        logger.info("--once: {} file(s) archived, {} not", len(outcome) - len(not_done), len(not_done))
+        return 1 if not_done else 0
+
+
+def _type_folders(config: Config) -> list[str]:
+    folders = config.imports.folders
+    return [folders.users, folders.user_events, folders.delete_users, folders.reward_redemptions]
+
+
+def _take_lock(path: Path) -> IO[str]:
+    handle = open(path, "a+")  # noqa: SIM115 - held open for the daemon's lifetime
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise AlreadyRunning(
+            f"another saasquatch-agent is already running with state_dir {path.parent}"
+        ) from None
+    return handle
+
+
+def run_daemon(config: Config) -> int:
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        logger.info("received {}; stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    agent = Agent(config)
+    agent.start()
+    stop.wait()
+    agent.stop()
+    logger.info("stopped")
+    return 0

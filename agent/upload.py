@@ -1,0 +1,215 @@
+"""Upload: publish each queued file atomically under its fixed remote name.
+
+Order for one file: the journal says UPLOADING before the first byte; the bytes go to a hidden
+temporary name; the remote size is checked; a rename publishes the final name; the journal says
+UPLOADED; the local copy is archived. A file found UPLOADING at the next attempt (a crash or a
+fault came in between) is first looked up remotely, so it is never published twice.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import posixpath
+import random
+import threading
+import time
+from pathlib import Path
+
+import paramiko
+from loguru import logger
+
+from agent.archive import Filer
+from agent.config import Config
+from agent.journal import FileRecord, FileState, Journal
+from agent.sftp import (
+    SFTP_WRITE_CHUNK,
+    ConnectError,
+    PrivateKeyError,
+    SftpSession,
+    publish_rename,
+    remote_size,
+)
+
+
+class PermanentUploadError(Exception):
+    """Retrying cannot fix this; the file goes to failed/ with this message."""
+
+
+def temporary_name(remote_name: str) -> str:
+    """Hidden, and not starting with an import prefix, so the server never takes it half-written."""
+    return f".{remote_name}.part"
+
+
+def backoff_delay(attempts: int, initial: float, cap: float) -> float:
+    """Capped exponential backoff with jitter: between half and all of min(cap, initial * 2^(n-1))."""
+    ceiling = min(cap, initial * 2.0 ** max(0, attempts - 1))
+    return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
+class Uploader:
+    def __init__(self, config: Config, journal: Journal, filer: Filer, session: SftpSession) -> None:
+        self.config = config
+        self.journal = journal
+        self.filer = filer
+        self.session = session
+        self.stop_requested = threading.Event()
+        self._connection_retry_at = 0.0
+
+    @property
+    def remote_dir(self) -> str:
+        return self.config.sftp.remote_dir
+
+    def process(self, record: FileRecord) -> FileRecord:
+        """One attempt at one file; any error becomes a retry or a refusal, never an exception."""
+        try:
+            if record.state == FileState.UPLOADED:
+                return self.filer.archive(record)
+            record = self._publish(record)
+            return self.filer.archive(record)
+        except PermanentUploadError as exc:
+            return self.filer.quarantine(self.journal.get(record.id), str(exc))
+        except Exception as exc:  # noqa: BLE001 - every other fault is retried; the file stays queued
+            return self._retry_later(self.journal.get(record.id), exc)
+
+    def _publish(self, record: FileRecord) -> FileRecord:
+        assert record.remote_name and record.size is not None
+        final = posixpath.join(self.remote_dir, record.remote_name)
+        temp = posixpath.join(self.remote_dir, temporary_name(record.remote_name))
+        sftp = self._client()
+        if record.state == FileState.UPLOADING:
+            found = remote_size(sftp, final)
+            if found == record.size:
+                logger.info("{} was already published as {}; not sending it again", record.label, final)
+                return self.journal.update(record.id, state=FileState.UPLOADED, error=None,
+                                           message="found published on the server")
+            if found is not None:
+                raise PermanentUploadError(
+                    f"the server already has {final} with {found} bytes, not the {record.size} of this"
+                    " file; refusing to overwrite it"
+                )
+            if remote_size(sftp, temp) is not None:
+                sftp.remove(temp)
+        else:
+            record = self.journal.update(record.id, state=FileState.UPLOADING,
+                                         message=f"sending to {final}")
+        started = time.monotonic()
+        self._send(sftp, Path(record.local_path), temp, record)
+        sent = remote_size(sftp, temp)
+        if sent != record.size:
+            raise OSError(f"remote size check failed for {temp}: {sent} bytes, expected {record.size}")
+        try:
+            publish_rename(sftp, temp, final)
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                raise PermanentUploadError(
+                    f"the server refused the name {record.remote_name} (permission denied on rename)"
+                ) from None
+            raise
+        elapsed = time.monotonic() - started
+        logger.info("{} uploaded as {} ({} bytes in {:.2f} s)", record.label, final, record.size, elapsed)
+        return self.journal.update(record.id, state=FileState.UPLOADED, error=None,
+                                   message=f"published as {final}")
+
+    def _send(self, sftp: paramiko.SFTPClient, local: Path, temp: str, record: FileRecord) -> None:
+        try:
+            fd = os.open(local, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError as exc:
+            raise PermanentUploadError(
+                f"the claimed copy {local} could not be read ({exc.strerror}); it was not sent"
+            ) from None
+        with os.fdopen(fd, "rb") as reader:
+            try:
+                remote = sftp.open(temp, "wb")
+            except OSError as exc:
+                if exc.errno == errno.EACCES:
+                    raise PermanentUploadError(
+                        f"the server denied writing {temp} (permission denied); check that"
+                        f" remote_dir {self.remote_dir!r} is the upload folder for this tenant"
+                    ) from None
+                raise
+            with remote:
+                remote.set_pipelined(True)
+                while chunk := reader.read(SFTP_WRITE_CHUNK * 8):
+                    if self.stop_requested.is_set():
+                        raise InterruptedError("stopping: upload abandoned, it restarts at next start")
+                    remote.write(chunk)
+
+    def _client(self) -> paramiko.SFTPClient:
+        try:
+            return self.session.client()
+        except PrivateKeyError as exc:
+            raise ConnectError(str(exc)) from None
+
+    def _retry_later(self, record: FileRecord, exc: BaseException) -> FileRecord:
+        if not isinstance(exc, (ConnectError, PermanentUploadError)):
+            self.session.drop()  # the connection may be in any state after a fault mid-operation
+        reason = _describe_fault(exc)
+        attempts = record.attempts + 1
+        delay = backoff_delay(attempts, self.config.retry.initial_delay_seconds,
+                              self.config.retry.max_delay_seconds)
+        if isinstance(exc, ConnectError):
+            self._connection_retry_at = time.time() + delay
+        if isinstance(exc, InterruptedError):
+            delay = 0.0
+        logger.warning("{} not uploaded (attempt {}): {}; retrying in {:.1f} s", record.label, attempts,
+                       reason, delay)
+        return self.journal.update(record.id, attempts=attempts, error=reason,
+                                   next_attempt_at=time.time() + delay, message=f"retry: {reason}")
+
+    def wait_for_connection_slot(self) -> float:
+        """Seconds to hold off every file after a connection fault, so N files make one attempt."""
+        return max(0.0, self._connection_retry_at - time.time())
+
+
+def _describe_fault(exc: BaseException) -> str:
+    if isinstance(exc, (ConnectError, InterruptedError)):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror} ({type(exc).__name__})"
+    text = str(exc) or type(exc).__name__
+    return f"{text} ({type(exc).__name__})"
+
+
+class UploadWorker:
+    """The thread that drains the queue in journal order, one file at a time."""
+
+    def __init__(self, uploader: Uploader, journal: Journal) -> None:
+        self.uploader = uploader
+        self.journal = journal
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="upload", daemon=True)
+        self.busy = threading.Event()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float) -> bool:
+        """Ask the worker to stop; True when it did within the timeout."""
+        self.uploader.stop_requested.set()
+        self._wake.set()
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _run(self) -> None:
+        while not self.uploader.stop_requested.is_set():
+            hold = self.uploader.wait_for_connection_slot()
+            if hold > 0:
+                self._wake.wait(hold)
+                self._wake.clear()
+                continue
+            record, next_due = self.journal.next_sendable()
+            if record is None:
+                timeout = None if next_due is None else max(0.0, next_due - time.time())
+                self._wake.wait(timeout)
+                self._wake.clear()
+                continue
+            self.busy.set()
+            try:
+                self.uploader.process(record)
+            finally:
+                self.busy.clear()
+        self.uploader.session.close()

@@ -1,0 +1,134 @@
+"""Finding files in drop/: the watchdog observer, the start-up scan and the rescan job.
+
+Only regular files directly in drop/ or in one of its import-type subfolders are candidates.
+Hidden and temporary names are left alone quietly; symlinks, FIFOs, devices, sockets and other
+folders are never followed or read, and each is warned about once.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from loguru import logger
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+TEMPORARY_SUFFIXES = (".tmp", ".part", "~")
+
+
+def is_ignored_name(name: str) -> bool:
+    """Hidden files and the usual names of files still being written."""
+    return name.startswith(".") or name.lower().endswith(TEMPORARY_SUFFIXES)
+
+
+def entry_problem(mode: int) -> str | None:
+    """Why an entry must not be read, or None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISLNK(mode):
+        return "is a symbolic link; links are never followed"
+    if stat.S_ISDIR(mode):
+        return "is a folder that is not an import-type folder; it is not looked into"
+    if stat.S_ISFIFO(mode):
+        return "is a FIFO; only regular files are read"
+    if stat.S_ISSOCK(mode):
+        return "is a socket; only regular files are read"
+    return "is a device; only regular files are read"
+
+
+Candidate = tuple[Path, str | None]  # the path and the import-type subfolder it lies in
+
+
+class DropScanner:
+    """Knows the drop folder's layout and turns paths into candidates."""
+
+    def __init__(self, drop: Path, type_folders: list[str]) -> None:
+        self.drop = drop
+        self.type_folders = set(type_folders)
+        self._warned: set[Path] = set()
+        self._warned_lock = threading.Lock()
+
+    def create_folders(self) -> None:
+        self.drop.mkdir(parents=True, exist_ok=True)
+        for folder in sorted(self.type_folders):
+            (self.drop / folder).mkdir(exist_ok=True)
+
+    def warn_once(self, path: Path, problem: str) -> None:
+        with self._warned_lock:
+            if path in self._warned:
+                return
+            self._warned.add(path)
+        logger.warning("left alone: {} {}", path, problem)
+
+    def forget(self, path: Path) -> None:
+        with self._warned_lock:
+            self._warned.discard(path)
+
+    def locate(self, path: Path) -> Candidate | None:
+        """The candidate for a path an event named, or None when it is not ours to take."""
+        parent = path.parent
+        if parent == self.drop:
+            subfolder = None
+        elif parent.parent == self.drop and parent.name in self.type_folders:
+            subfolder = parent.name
+        else:
+            return None
+        if is_ignored_name(path.name):
+            return None
+        if subfolder is None and path.name in self.type_folders:
+            return None
+        return path, subfolder
+
+    def scan(self) -> Iterator[Candidate]:
+        folders: list[tuple[Path, str | None]] = [(self.drop, None)]
+        folders += [(self.drop / name, name) for name in sorted(self.type_folders)]
+        for folder, subfolder in folders:
+            try:
+                entries = list(os.scandir(folder))
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                logger.error("cannot list {}: {}", folder, exc.strerror)
+                continue
+            for entry in sorted(entries, key=lambda e: e.name):
+                if is_ignored_name(entry.name):
+                    continue
+                is_type_folder = entry.name in self.type_folders and entry.is_dir(follow_symlinks=False)
+                if subfolder is None and is_type_folder:
+                    continue
+                yield Path(entry.path), subfolder
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, scanner: DropScanner, notice: Callable[[Candidate], None]) -> None:
+        self.scanner = scanner
+        self.notice = notice
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type in ("opened", "closed_no_write", "deleted"):
+            return
+        raw = event.dest_path if event.event_type == "moved" else event.src_path
+        path = Path(os.fsdecode(raw))
+        candidate = self.scanner.locate(path)
+        if candidate is not None:
+            self.notice(candidate)
+
+
+class DropWatcher:
+    """watchdog observer on drop/ (recursive, so the type subfolders are seen too)."""
+
+    def __init__(self, scanner: DropScanner, notice: Callable[[Candidate], None]) -> None:
+        self.observer = Observer()
+        self.observer.daemon = True
+        self.observer.schedule(_Handler(scanner, notice), str(scanner.drop), recursive=True)
+
+    def start(self) -> None:
+        self.observer.start()
+
+    def stop(self) -> None:
+        self.observer.stop()
+        self.observer.join(timeout=5)

@@ -1,0 +1,42 @@
+"""Shared pytest fixtures; the logic lives in tests/helpers."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+_REPO = str(Path(__file__).resolve().parent.parent)
+if _REPO not in sys.path:  # `tests.helpers` importable under a bare `pytest` too
+    sys.path.insert(0, _REPO)
+
+from tests.helpers.sshd import SshdServer  # noqa: E402
+from tests.helpers.tcp_proxy import TcpProxy  # noqa: E402
+
+
+@pytest.fixture
+def sshd_server() -> Iterator[SshdServer]:
+    """A started OpenSSH sshd serving SFTP on 127.0.0.1, fresh for each test (~0.1 s).
+
+    As root: chrooted throw-away user, uploads go to ``remote_dir == "/imports"``.
+    Fails (never skips) when sshd is not installed.
+    """
+    with SshdServer() as server:
+        yield server
+        # shown by pytest only when the test fails
+        print(f"--- sshd log {server.log_path} (tail) ---\n{server.read_log()[-4000:]}")
+
+
+@pytest.fixture
+def sshd_proxy(sshd_server: SshdServer) -> Iterator[TcpProxy]:
+    """A :class:`TcpProxy` in front of ``sshd_server`` (trust it with ``proxy_known_hosts``)."""
+    with TcpProxy(sshd_server.host, sshd_server.port) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def proxy_known_hosts(sshd_server: SshdServer, sshd_proxy: TcpProxy, tmp_path: Path) -> Path:
+    """A known_hosts file trusting ``sshd_server``'s host key at the proxy's port."""
+    return sshd_server.write_known_hosts(tmp_path / "known_hosts_proxy", port=sshd_proxy.port)
