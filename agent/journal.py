@@ -24,9 +24,14 @@ class FileState(StrEnum):
     ARCHIVED = "archived"  # final: local copy in archive/
     FAILED = "failed"  # final: local copy in failed/ with a reason file
     SPLIT = "split"  # final: over the limits, sent as parts (rows of their own); original archived
+    # the remote lifecycle (status.mode other than "none"; agent/remote_status.py): in the spool
+    ACCEPTED = "accepted"  # the server took the file (consumed it, or a status file said so)
+    PROCESSING = "processing"  # a status file says the import job is running
+    COMPLETED = "completed"  # the server said the job completed; being archived
+    STALE = "stale"  # final: no verdict within status.timeout of the upload; local copy in failed/
 
 
-FINAL_STATES = frozenset({FileState.ARCHIVED, FileState.FAILED, FileState.SPLIT})
+FINAL_STATES = frozenset({FileState.ARCHIVED, FileState.FAILED, FileState.SPLIT, FileState.STALE})
 ACTIVE_STATES = (FileState.QUEUED, FileState.UPLOADING, FileState.UPLOADED)  # work left to do
 
 _SCHEMA = """
@@ -46,9 +51,11 @@ CREATE TABLE IF NOT EXISTS files (
     error TEXT,
     next_attempt_at REAL,
     created_at TEXT NOT NULL,
-    updated_at TEXT NOT NULL
+    updated_at TEXT NOT NULL,
+    force_resend INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS files_state ON files (state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS files_sha256 ON files (sha256);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY,
     file_id INTEGER NOT NULL,
@@ -62,13 +69,18 @@ CREATE INDEX IF NOT EXISTS events_file ON events (file_id);
 _COLUMNS = (
     "id", "name", "source_path", "local_path", "pending_path", "pending_state", "size", "sha256",
     "import_type", "remote_name", "state", "attempts", "error", "next_attempt_at", "created_at",
-    "updated_at",
+    "updated_at", "force_resend",
 )
 _UPDATABLE = frozenset(_COLUMNS) - {"id", "created_at", "updated_at"}
 
 
+def iso_utc(moment: datetime) -> str:
+    """ISO 8601 in UTC with a Z, as the journal stores and `status --json` prints times."""
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def utc_now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return iso_utc(datetime.now(UTC))
 
 
 @dataclass(frozen=True)
@@ -89,6 +101,7 @@ class FileRecord:
     next_attempt_at: float | None
     created_at: str
     updated_at: str
+    force_resend: int  # 1: the operator asked to send it even if the same content went recently
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> FileRecord:
@@ -113,7 +126,7 @@ class FileRecord:
             "error": self.error,
             "attempts": self.attempts,
             "next_attempt_at": (
-                datetime.fromtimestamp(self.next_attempt_at, UTC).isoformat().replace("+00:00", "Z")
+                iso_utc(datetime.fromtimestamp(self.next_attempt_at, UTC))
                 if self.next_attempt_at is not None else None
             ),
             "local_path": self.local_path,
@@ -132,8 +145,17 @@ class Journal:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            self._migrate()
         self._db.execute("PRAGMA busy_timeout=10000")
         self._lock = threading.Lock()
+        # what next_sendable hands the upload worker; without UPLOADED when the status job follows it
+        self.sendable_states: tuple[FileState, ...] = ACTIVE_STATES
+
+    def _migrate(self) -> None:
+        """Add columns that journals made by older versions lack."""
+        present = {row[1] for row in self._db.execute("PRAGMA table_info(files)")}
+        if "force_resend" not in present:
+            self._db.execute("ALTER TABLE files ADD COLUMN force_resend INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         with self._lock:
@@ -165,9 +187,10 @@ class Journal:
             self._db.execute("COMMIT")
         return self.get(file_id)
 
-    def add_parts(self, parent_id: int, parts: list[Path], parent_dest: Path,
+    def add_parts(self, parent: FileRecord, parts: list[Path], parent_dest: Path,
                   parent_state: FileState) -> list[FileRecord]:
         """Record every part (state `claimed`, where it lies) and the parent's move, in one commit."""
+        parent_id = parent.id
         now = utc_now_iso()
         ids = []
         with self._lock:
@@ -243,7 +266,7 @@ class Journal:
     def next_sendable(self, now: float | None = None) -> tuple[FileRecord | None, float | None]:
         """The oldest file due for sending, else None and the time the next one falls due."""
         now = time.time() if now is None else now
-        states = tuple(state.value for state in ACTIVE_STATES)
+        states = tuple(state.value for state in self.sendable_states)
         marks = ", ".join("?" * len(states))
         due = self._select(
             f"WHERE state IN ({marks}) AND (next_attempt_at IS NULL OR next_attempt_at <= ?)",
@@ -256,6 +279,18 @@ class Journal:
                 f"SELECT MIN(next_attempt_at) FROM files WHERE state IN ({marks})", states
             ).fetchone()
         return None, (row[0] if row and row[0] is not None else None)
+
+    def find_duplicate(self, sha256: str, import_type: str, since_iso: str,
+                       exclude_id: int) -> FileRecord | None:
+        """The latest other file with this content and type sent to the server since the given time."""
+        unsent = tuple(s.value for s in (FileState.CLAIMED, FileState.QUEUED, FileState.UPLOADING,
+                                         FileState.FAILED, FileState.SPLIT))
+        rows = self._select(
+            "WHERE sha256 = ? AND import_type = ? AND id != ? AND created_at >= ?"
+            f" AND state NOT IN ({', '.join('?' * len(unsent))})",
+            (sha256, import_type, exclude_id, since_iso, *unsent), "ORDER BY id DESC LIMIT 1",
+        )
+        return rows[0] if rows else None
 
     def count_in(self, states: tuple[FileState, ...]) -> int:
         with self._lock:

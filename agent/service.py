@@ -15,11 +15,14 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from loguru import logger
 
 from agent.archive import Filer
-from agent.config import Config
+from agent.config import Config, ConfigError, load_config
 from agent.fsutil import ensure_dir
 from agent.intake import Intake, SettleQueue
 from agent.journal import ACTIVE_STATES, FileState, Journal
+from agent.logs import setup_logging
+from agent.metrics import Metrics
 from agent.sftp import SftpSession
+from agent.systemd import Notifier
 from agent.upload import Uploader, UploadWorker
 from agent.watch import DropScanner, DropWatcher
 
@@ -67,7 +70,8 @@ class Agent:
                 self.filer.quarantine(record, f"the claimed copy of {record.name} ({record.local_path})"
                                       " is missing from the spool; it cannot be uploaded")
             else:
-                logger.info("{} resumes in state {}", record.label, record.state.value)
+                logger.bind(file_id=record.id, file=record.name).info(
+                    "{} resumes in state {}", record.label, record.state.value)
 
     def rescan(self) -> None:
         for candidate in self.scanner.scan():
@@ -120,7 +124,8 @@ class Agent:
         self.stop()
         not_done = [r for r in outcome if r.state != FileState.ARCHIVED]
         for record in not_done:
-            logger.error("{} ended {}: {}", record.label, record.state.value, record.error)
+            logger.bind(file_id=record.id, file=record.name).error(
+                "{} ended {}: {}", record.label, record.state.value, record.error)
         logger.info("--once: {} file(s) archived, {} not", len(outcome) - len(not_done), len(not_done))
         return 1 if not_done else 0
 
@@ -143,17 +148,65 @@ def _take_lock(path: Path) -> IO[str]:
 
 
 def run_daemon(config: Config) -> int:
+    """Run until SIGTERM/SIGINT; SIGHUP re-reads the configuration (a bad one is refused)."""
     stop = threading.Event()
+    reload = threading.Event()
+    wake = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
-        logger.info("received {}; stopping", signal.Signals(signum).name)
-        stop.set()
+        (reload if signum == signal.SIGHUP else stop).set()
+        wake.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    agent = Agent(config)
-    agent.start()
-    stop.wait()
-    agent.stop()
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, on_signal)
+    notifier = Notifier()  # systemd Type=notify; a no-op outside systemd
+    agent, metrics = _start(config, notifier)
+    notifier.ready(f"watching {config.paths.drop}; {agent.journal.count_in(ACTIVE_STATES)} file(s) queued")
+    while True:
+        wake.wait()
+        wake.clear()
+        if stop.is_set():
+            break
+        if reload.is_set():
+            reload.clear()
+            new_config = _reread(config)
+            if new_config is None:
+                continue
+            notifier.status("reloading configuration")
+            _stop(agent, metrics, config)
+            config = new_config
+            setup_logging(config.log)
+            agent, metrics = _start(config, notifier)
+            notifier.ready(f"configuration reloaded from {config.source}")
+            logger.info("configuration reloaded from {}", config.source)
+    notifier.stopping()
+    _stop(agent, metrics, config)
     logger.info("stopped")
+    notifier.close()
     return 0
+
+
+def _start(config: Config, notifier: Notifier) -> tuple[Agent, Metrics]:
+    agent = Agent(config)
+    agent.uploader.heartbeat = notifier.heartbeat  # WatchdogSec=: pings come from the upload thread
+    agent.worker.heartbeat_interval = notifier.watchdog_interval
+    metrics = Metrics(config)
+    if metrics.enabled:
+        agent.uploader.on_published = metrics.observe_upload
+        metrics.start()
+    agent.start()
+    return agent, metrics
+
+
+def _stop(agent: Agent, metrics: Metrics, config: Config) -> None:
+    logger.info("stopping (an upload in flight gets up to {} s)", config.daemon.stop_timeout_seconds)
+    agent.stop(config.daemon.stop_timeout_seconds)
+    metrics.stop()
+
+
+def _reread(config: Config) -> Config | None:
+    try:
+        return load_config(config.source)
+    except ConfigError as exc:
+        logger.error("SIGHUP: new configuration refused, the running one stays: {}", exc)
+        return None

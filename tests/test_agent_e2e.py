@@ -175,7 +175,7 @@ def test_missing_private_key_is_explained(env: AgentEnv, sshd_server: SshdServer
     assert result.returncode == 1
     assert "does not exist" in result.stderr and "keygen" in result.stderr
     assert remote_files(sshd_server) == {}
-    assert env.states() == {"users_x.csv": "queued"}
+    assert (env.drop / "users_x.csv").exists()  # refused at start-up: nothing taken, nothing lost
 
 
 def test_rsa_key_logs_in(env: AgentEnv, sshd_server: SshdServer, tmp_path: Path) -> None:
