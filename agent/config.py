@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from agent.namerules import check_distinct, check_folder, check_prefix
 
 DEFAULT_CONFIG_PATH = Path("/etc/saasquatch-agent/agent.toml")
 CONFIG_ENV_VAR = "SAASQUATCH_AGENT_CONFIG"
@@ -37,6 +40,8 @@ class SftpConfig(_Section):
     connect_timeout: Annotated[float, Field(gt=0)] = 15.0
     operation_timeout: Annotated[float, Field(gt=0)] = 60.0
     keepalive_seconds: Annotated[int, Field(ge=0)] = 15
+    proxy_command: str | None = None  # as OpenSSH's ProxyCommand (%h host, %p port, %r user, %% a %)
+    bandwidth_limit: Annotated[int, Field(ge=0)] = 0  # bytes per second while uploading; 0 = no limit
 
     @field_validator("remote_dir")
     @classmethod
@@ -56,6 +61,10 @@ class PathsConfig(_Section):
 class WatchConfig(_Section):
     settle_seconds: Annotated[float, Field(ge=0)] = 2.0
     rescan_seconds: Annotated[float, Field(gt=0)] = 60.0
+
+
+class DaemonConfig(_Section):
+    stop_timeout_seconds: Annotated[float, Field(gt=0)] = 10.0  # SIGTERM: finish or abandon the upload within
 
 
 class RetryConfig(_Section):
@@ -80,6 +89,17 @@ class PerTypeNames(_Section):
     def for_type(self, import_type: ImportType) -> str:
         return str(getattr(self, import_type.value))
 
+    def check_each(self, check: Callable[[str], None], what: str) -> PerTypeNames:
+        """Every name passes `check` and no two types share one (agent.namerules)."""
+        pairs = [(t.value, self.for_type(t)) for t in ImportType]
+        for key, value in pairs:
+            try:
+                check(value)
+            except ValueError as exc:
+                raise ValueError(f"{key}: {exc}") from None
+        check_distinct(pairs, what)
+        return self
+
 
 class OversizePolicy(StrEnum):
     SPLIT = "split"
@@ -99,15 +119,34 @@ class ImportsConfig(_Section):
         delete_users="delete-users",
         reward_redemptions="reward-redemptions",
     )
+
+    @field_validator("prefixes")
+    @classmethod
+    def _safe_distinct_prefixes(cls, value: PerTypeNames) -> PerTypeNames:
+        return value.check_each(check_prefix, "prefix")
+
+    @field_validator("folders")
+    @classmethod
+    def _safe_distinct_folders(cls, value: PerTypeNames) -> PerTypeNames:
+        return value.check_each(check_folder, "folder")
+
     max_file_bytes: Annotated[int, Field(gt=0)] = 100 * 1024 * 1024
     max_records: Annotated[int, Field(gt=0)] = 500_000
     oversize: OversizePolicy = OversizePolicy.SPLIT
     deletion_guard: bool = True
+    # a file whose content and type were already sent within this many days is refused; 0 = off
+    duplicate_window_days: Annotated[float, Field(ge=0)] = 7.0
 
 
 class LogFormat(StrEnum):
     TEXT = "text"
     JSON = "json"
+
+
+class MetricsConfig(_Section):
+    prometheus_port: Annotated[int, Field(ge=0, le=65535)] = 0  # 0 = off; serves on 127.0.0.1 only
+    textfile: Path | None = None  # node_exporter textfile collector file (*.prom); None = off
+    textfile_seconds: Annotated[float, Field(gt=0)] = 15.0  # how often the textfile is rewritten
 
 
 class LogConfig(_Section):
@@ -123,13 +162,91 @@ class LogConfig(_Section):
         return upper
 
 
+class StatusMode(StrEnum):
+    NONE = "none"  # a verified upload is the end of the road
+    CONSUMED = "consumed"  # the server removes/moves the upload when it takes it
+    STATUS_FILES = "status-files"  # the server writes status/result files named after the upload
+
+
+class RemoteResults(StrEnum):
+    KEEP = "keep"
+    REMOVE = "remove"
+    MOVE = "move"
+
+
+class StatusConfig(_Section):
+    """[status]: how the server tells what it did with an upload (agent/remote_status.py)."""
+
+    mode: tuple[StatusMode, ...] = (StatusMode.NONE,)  # one mode, or a list to combine
+    poll_seconds: Annotated[float, Field(gt=0)] = 60.0
+    timeout: Annotated[float, Field(gt=0)] = 86400.0  # seconds after upload before `stale`
+    folder: str = ""  # another remote folder holding status files ("" = only remote_dir)
+    patterns: tuple[str, ...] = ("{name}.status", "{name}.error", "result_{name}", "receipt_{name}",
+                                 "{stem}.errors.csv")
+    download_results: bool = True
+    remote_results: RemoteResults = RemoteResults.KEEP  # after download: keep, remove or move
+    remote_results_folder: str = ""  # where `move` puts them on the server
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _one_or_list(cls, value: Any) -> Any:
+        return (value,) if isinstance(value, str) else value
+
+    @field_validator("mode")
+    @classmethod
+    def _none_alone(cls, value: tuple[StatusMode, ...]) -> tuple[StatusMode, ...]:
+        if not value:
+            raise ValueError('must name at least one mode ("none", "consumed", "status-files")')
+        if StatusMode.NONE in value and len(value) > 1:
+            raise ValueError('"none" cannot be combined with another mode')
+        return tuple(dict.fromkeys(value))
+
+    @field_validator("patterns")
+    @classmethod
+    def _patterns_named(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for pattern in value:
+            try:
+                produced = pattern.format(name="n", stem="s")
+            except (KeyError, IndexError, ValueError):
+                raise ValueError(f"pattern {pattern!r} may use only {{name}} and {{stem}}") from None
+            if produced == pattern or "/" in pattern:
+                raise ValueError(f"pattern {pattern!r} must contain {{name}} or {{stem}} and no '/'")
+        return value
+
+    @field_validator("folder", "remote_results_folder")
+    @classmethod
+    def _absolute_or_empty(cls, value: str) -> str:
+        if value and not value.startswith("/"):
+            raise ValueError("must be an absolute remote path starting with '/' (or empty)")
+        return value.rstrip("/") or ("/" if value else "")
+
+    @property
+    def tracking(self) -> bool:
+        return StatusMode.NONE not in self.mode
+
+
+class ArchiveConfig(_Section):
+    compress: bool = False  # gzip archived inputs (archive/YYYY/MM/DD/<name>.gz)
+    retention_days: Annotated[float, Field(ge=0)] = 90.0  # prune archive/ after this; 0 = never
+
+
+class NotifyConfig(_Section):
+    command: str = ""  # run with the file's JSON on stdin on final failures and stale files
+    timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
+
+
 class Config(_Section):
     sftp: SftpConfig
     paths: PathsConfig = PathsConfig()
     watch: WatchConfig = WatchConfig()
     retry: RetryConfig = RetryConfig()
+    daemon: DaemonConfig = DaemonConfig()
     imports: ImportsConfig = ImportsConfig()
     log: LogConfig = LogConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    status: StatusConfig = StatusConfig()
+    archive: ArchiveConfig = ArchiveConfig()
+    notify: NotifyConfig = NotifyConfig()
     source: Path | None = None
 
     @property
@@ -152,7 +269,7 @@ def resolve_config_path(explicit: str | os.PathLike[str] | None) -> Path:
 
 def _resolve_relative(data: dict[str, Any], base: Path) -> None:
     """Make the path-valued keys absolute, relative to the config file's folder."""
-    for section, keys in (("sftp", ("private_key", "known_hosts")),
+    for section, keys in (("sftp", ("private_key", "known_hosts")), ("metrics", ("textfile",)),
                           ("paths", ("drop", "state_dir", "archive", "failed"))):
         table = data.get(section)
         if not isinstance(table, dict):

@@ -7,6 +7,7 @@ applies the import rules and fixes the remote name before anything is sent.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -14,21 +15,18 @@ import stat
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from loguru import logger
 
 from agent.archive import Filer
-from agent.config import Config, ImportsConfig, ImportType, OversizePolicy
+from agent.config import Config
 from agent.fsutil import durable_move, fsync_dir
-from agent.imports.naming import remote_name
-from agent.imports.quarantine import errors_csv_text, reason_paragraph
+from agent.imports.admission import PartOf, admit, part_numbers, spool_part_of
 from agent.imports.split import SplitError, split_file
-from agent.imports.types import FileFormat, Refusal, classify, file_format
-from agent.imports.validate import validate_file
-from agent.journal import FileRecord, FileState, Journal
+from agent.imports.types import FileFormat
+from agent.journal import FileRecord, FileState, Journal, iso_utc
 from agent.watch import Candidate, DropScanner, entry_problem
 
 HASH_CHUNK = 1024 * 1024
@@ -71,11 +69,16 @@ class Intake:
                          exc.strerror or exc)
             return None
         self.scanner.forget(path)
-        logger.info("{} claimed ({} bytes)", record.label, info.st_size)
-        return self.check(record)
+        with logger.contextualize(file_id=record.id, file=record.name):
+            logger.info("{} claimed ({} bytes)", record.label, info.st_size)
+            return self.check(record)
 
     def check(self, record: FileRecord) -> FileRecord:
         """Hash the claimed file, apply the import rules, fix the remote name, queue it."""
+        with logger.contextualize(file_id=record.id, file=record.name):  # log records name the file
+            return self._check(record)
+
+    def _check(self, record: FileRecord) -> FileRecord:
         spool_path = Path(record.local_path)
         try:
             size, digest = _hash_regular_file(spool_path)
@@ -87,15 +90,22 @@ class Intake:
                 " permissions and drop it again"
             )
         subfolder = subfolder_of(Path(record.source_path), self.config.paths.drop)
-        verdict = admit(spool_path, record.name, subfolder, digest, self.config.imports)
-        record = self.journal.update(record.id, size=size, sha256=digest,
-                                     import_type=verdict.import_type)
+        verdict = admit(spool_path, record.name, subfolder, digest, self.config.imports,
+                        part=self._part_of(record))
+        checked = {"size": size, "sha256": digest, "import_type": verdict.import_type}
         if verdict.refusal is not None:
+            record = self.journal.update(record.id, **checked)
             return self.filer.quarantine(record, verdict.refusal, verdict.errors_csv)
         if verdict.split_format is not None:
-            return self._split(record, verdict.split_format)
+            return self._split(self.journal.update(record.id, **checked), verdict.split_format)
+        earlier = self._recent_duplicate(dataclasses.replace(record, **checked))
+        if earlier is not None:
+            record = self.journal.update(record.id, **checked)
+            return self.filer.quarantine(record, duplicate_reason(record, earlier,
+                                                                  self.config.imports.duplicate_window_days))
+        # The check's findings and the queueing go in one commit: nothing is sent before it.
         record = self.journal.update(
-            record.id, state=FileState.QUEUED, remote_name=verdict.remote_name,
+            record.id, **checked, state=FileState.QUEUED, remote_name=verdict.remote_name,
             message=f"queued as {verdict.remote_name}",
         )
         if verdict.deletes:
@@ -104,6 +114,24 @@ class Intake:
         logger.info("{} queued as {} ({})", record.label, record.remote_name, record.import_type)
         self.on_queued()
         return record
+
+    def _part_of(self, record: FileRecord) -> PartOf | None:
+        """For a part cut by `_split`: its original's name, hash and folder, and k of n."""
+        parent_id = spool_part_of(Path(record.source_path), self.config.spool_dir)
+        numbers = part_numbers(record.name)
+        if parent_id is None or numbers is None:
+            return None
+        parent = self.journal.get(parent_id)
+        assert parent.sha256 is not None
+        return PartOf(parent.name, parent.sha256,
+                      subfolder_of(Path(parent.source_path), self.config.paths.drop), *numbers)
+
+    def _recent_duplicate(self, record: FileRecord) -> FileRecord | None:
+        window = self.config.imports.duplicate_window_days
+        if window <= 0 or record.force_resend or record.sha256 is None or record.import_type is None:
+            return None
+        since = iso_utc(datetime.now(UTC) - timedelta(days=window))
+        return self.journal.find_duplicate(record.sha256, record.import_type, since, record.id)
 
     def _split(self, record: FileRecord, fmt: FileFormat) -> FileRecord:
         """Cut a valid, oversized file into parts; each part becomes a file of its own.
@@ -117,7 +145,8 @@ class Intake:
         staging.mkdir()
         limits = self.config.imports
         try:
-            parts = split_file(record.local_path, fmt, limits.max_file_bytes, limits.max_records, staging)
+            parts = split_file(record.local_path, fmt, limits.max_file_bytes, limits.max_records, staging,
+                               name=record.name)
         except SplitError as exc:
             shutil.rmtree(staging, ignore_errors=True)
             return self.filer.quarantine(
@@ -126,7 +155,7 @@ class Intake:
             )
         fsync_dir(self.config.spool_dir)
         dest = self.filer.archive_destination(record)
-        part_records = self.journal.add_parts(record.id, parts, dest, FileState.SPLIT)
+        part_records = self.journal.add_parts(record, parts, dest, FileState.SPLIT)
         logger.info("{} is over the per-file limits; split into {} parts", record.label, len(parts))
         self.filer.finish_move(self.journal.get(record.id))
         for part in part_records:
@@ -134,37 +163,15 @@ class Intake:
         return self.journal.get(record.id)
 
 
-@dataclass(frozen=True)
-class Admission:
-    """What the import rules decided for one file."""
-
-    import_type: ImportType | None = None
-    remote_name: str | None = None
-    refusal: str | None = None  # the reason paragraph, when refused
-    errors_csv: str | None = None
-    split_format: FileFormat | None = None  # set when a valid file must be split first
-    deletes: int = 0
-
-
-def admit(path: Path, name: str, subfolder: str | None, digest: str, cfg: ImportsConfig) -> Admission:
-    classification = classify(name, subfolder, cfg)
-    if classification.refusal is not None or classification.import_type is None:
-        assert classification.refusal is not None
-        return Admission(refusal=reason_paragraph(name, classification.refusal))
-    import_type = classification.import_type
-    fmt = file_format(name)
-    if isinstance(fmt, Refusal):
-        return Admission(import_type, refusal=reason_paragraph(name, fmt))
-    report = validate_file(path, import_type, cfg, fmt=fmt)
-    if not report.ok:
-        return Admission(import_type, refusal=reason_paragraph(name, report),
-                         errors_csv=errors_csv_text(report))
-    if report.over_limits:
-        if cfg.oversize == OversizePolicy.REFUSE:
-            return Admission(import_type, refusal=reason_paragraph(name, report))
-        return Admission(import_type, split_format=fmt)
-    return Admission(import_type, remote_name=remote_name(import_type, name, digest, datetime.now(UTC), cfg),
-                     deletes=report.deletes)
+def duplicate_reason(record: FileRecord, earlier: FileRecord, window_days: float) -> str:
+    return (
+        f"{record.name} was not uploaded: the same content (SHA-256 {record.sha256}) was already sent"
+        f" as a {record.import_type} import within the last {window_days:g} days: file #{earlier.id}"
+        f" {earlier.name!r}, claimed {earlier.created_at}, sent as {earlier.remote_name}. Sending it"
+        f" again would import the same records twice. If that is what you want, run"
+        f" `saasquatch-agent retry {record.id}` (it forces the resend), or set"
+        " imports.duplicate_window_days = 0 to turn this check off."
+    )
 
 
 class _NotRegular(Exception):

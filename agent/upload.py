@@ -14,6 +14,7 @@ import posixpath
 import random
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import paramiko
@@ -30,6 +31,8 @@ from agent.sftp import (
     publish_rename,
     remote_size,
 )
+
+LOCAL_FAULT_PAUSE_SECONDS = 5.0
 
 
 class PermanentUploadError(Exception):
@@ -55,6 +58,10 @@ class Uploader:
         self.session = session
         self.stop_requested = threading.Event()
         self._connection_retry_at = 0.0
+        self.heartbeat: Callable[[], None] = _no_heartbeat  # systemd watchdog ping: progress is made
+        # what follows a verified upload: archive now, or leave it to the status job (agent.lifecycle)
+        self.after_upload: Callable[[FileRecord], FileRecord] = filer.archive
+        self.on_published: Callable[[FileRecord, float], None] | None = None  # metrics: upload seconds
 
     @property
     def remote_dir(self) -> str:
@@ -64,9 +71,9 @@ class Uploader:
         """One attempt at one file; any error becomes a retry or a refusal, never an exception."""
         try:
             if record.state == FileState.UPLOADED:
-                return self.filer.archive(record)
+                return self.after_upload(record)
             record = self._publish(record)
-            return self.filer.archive(record)
+            return self.after_upload(record)
         except PermanentUploadError as exc:
             return self.filer.quarantine(self.journal.get(record.id), str(exc))
         except Exception as exc:  # noqa: BLE001 - every other fault is retried; the file stays queued
@@ -97,7 +104,10 @@ class Uploader:
         self._send(sftp, Path(record.local_path), temp, record)
         sent = remote_size(sftp, temp)
         if sent != record.size:
-            raise OSError(f"remote size check failed for {temp}: {sent} bytes, expected {record.size}")
+            raise OSError(
+                f"the server kept {sent} of {record.size} bytes of {temp} (is its disk full?);"
+                " sending again"
+            )
         try:
             publish_rename(sftp, temp, final)
         except OSError as exc:
@@ -108,6 +118,8 @@ class Uploader:
             raise
         elapsed = time.monotonic() - started
         logger.info("{} uploaded as {} ({} bytes in {:.2f} s)", record.label, final, record.size, elapsed)
+        if self.on_published is not None:
+            self.on_published(record, elapsed)
         return self.journal.update(record.id, state=FileState.UPLOADED, error=None,
                                    message=f"published as {final}")
 
@@ -128,12 +140,19 @@ class Uploader:
                         f" remote_dir {self.remote_dir!r} is the upload folder for this tenant"
                     ) from None
                 raise
+            limit = self.config.sftp.bandwidth_limit
+            chunk_size = min(SFTP_WRITE_CHUNK * 8, max(1024, limit // 4)) if limit else SFTP_WRITE_CHUNK * 8
+            started, sent = time.monotonic(), 0
             with remote:
                 remote.set_pipelined(True)
-                while chunk := reader.read(SFTP_WRITE_CHUNK * 8):
+                while chunk := reader.read(chunk_size):
                     if self.stop_requested.is_set():
                         raise InterruptedError("stopping: upload abandoned, it restarts at next start")
                     remote.write(chunk)
+                    sent += len(chunk)
+                    self.heartbeat()
+                    if limit:  # sftp.bandwidth_limit: never ahead of limit bytes per second on average
+                        self.stop_requested.wait(max(0.0, sent / limit - (time.monotonic() - started)))
 
     def _client(self) -> paramiko.SFTPClient:
         try:
@@ -162,6 +181,10 @@ class Uploader:
         return max(0.0, self._connection_retry_at - time.time())
 
 
+def _no_heartbeat() -> None:
+    return None
+
+
 def _describe_fault(exc: BaseException) -> str:
     if isinstance(exc, (ConnectError, InterruptedError)):
         return str(exc)
@@ -180,6 +203,7 @@ class UploadWorker:
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="upload", daemon=True)
         self.busy = threading.Event()
+        self.heartbeat_interval: float | None = None  # wake at least this often to ping the watchdog
 
     def wake(self) -> None:
         self._wake.set()
@@ -194,22 +218,35 @@ class UploadWorker:
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
+    def _wait(self, timeout: float | None) -> None:
+        interval = self.heartbeat_interval
+        if interval is not None:
+            timeout = interval if timeout is None else min(timeout, interval)
+        self._wake.wait(timeout)
+
     def _run(self) -> None:
         while not self.uploader.stop_requested.is_set():
+            self.uploader.heartbeat()
             hold = self.uploader.wait_for_connection_slot()
             if hold > 0:
-                self._wake.wait(hold)
+                self._wait(hold)
                 self._wake.clear()
                 continue
             record, next_due = self.journal.next_sendable()
             if record is None:
                 timeout = None if next_due is None else max(0.0, next_due - time.time())
-                self._wake.wait(timeout)
+                self._wait(timeout)
                 self._wake.clear()
                 continue
             self.busy.set()
             try:
-                self.uploader.process(record)
+                with logger.contextualize(file_id=record.id, file=record.name):  # log records name the file
+                    self.uploader.process(record)
+            except Exception:  # noqa: BLE001 - e.g. the journal's disk is full: keep the thread alive
+                logger.exception("{} could not be processed; trying again in {:.0f} s", record.label,
+                                 LOCAL_FAULT_PAUSE_SECONDS)
+                self._wait(LOCAL_FAULT_PAUSE_SECONDS)
+                self._wake.clear()
             finally:
                 self.busy.clear()
         self.uploader.session.close()

@@ -76,14 +76,19 @@ class AgentEnv:
         return self.cli("run", "--once", "--config", str(self.config_path), timeout=timeout)
 
     def start(self) -> subprocess.Popen[bytes]:
+        offset = len(self.log())
+        process = self.spawn()
+        if not wait_until(lambda: "watching" in self.log()[offset:] or process.poll() is not None, 20):
+            raise AssertionError(f"agent did not start:\n{self.log()}")
+        return process
+
+    def spawn(self) -> subprocess.Popen[bytes]:
+        """Start the daemon and return at once (it may still be starting up)."""
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
         self.process = subprocess.Popen(self.command("run", "--config", str(self.config_path)),
                                         stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
         log.close()
-        if not wait_until(lambda: "watching" in self.log() or self.process is None
-                          or self.process.poll() is not None, 20):
-            raise AssertionError(f"agent did not start:\n{self.log()}")
         return self.process
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
