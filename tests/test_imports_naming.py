@@ -23,22 +23,22 @@ def _name(original: str, import_type: ImportType = ImportType.USERS, **kwargs: o
 
 
 def test_shape() -> None:
-    assert _name("march export.csv") == "users_march-export_20240305T140709Z_ab12cd34.csv"
+    assert _name("march export.csv") == "users_march-export_20240305T140709000Z_ab12cd34.csv"
     assert _name("events.JSONL", ImportType.USER_EVENTS) == \
-        "userEvents_events_20240305T140709Z_ab12cd34.jsonl"
+        "userEvents_events_20240305T140709000Z_ab12cd34.jsonl"
 
 
 def test_prefix_not_repeated() -> None:
-    assert _name("users_march.csv") == "users_march_20240305T140709Z_ab12cd34.csv"
-    assert _name("USERS-march.csv") == "users_march_20240305T140709Z_ab12cd34.csv"
-    assert _name("users.march.csv") == "users_march_20240305T140709Z_ab12cd34.csv"
-    assert _name("users.csv") == "users_20240305T140709Z_ab12cd34.csv"
-    assert _name("usersmarch.csv") == "users_usersmarch_20240305T140709Z_ab12cd34.csv"
+    assert _name("users_march.csv") == "users_march_20240305T140709000Z_ab12cd34.csv"
+    assert _name("USERS-march.csv") == "users_march_20240305T140709000Z_ab12cd34.csv"
+    assert _name("users.march.csv") == "users_march_20240305T140709000Z_ab12cd34.csv"
+    assert _name("users.csv") == "users_20240305T140709000Z_ab12cd34.csv"
+    assert _name("usersmarch.csv") == "users_usersmarch_20240305T140709000Z_ab12cd34.csv"
     assert _name("deleteUsers_gdpr.csv", ImportType.DELETE_USERS).startswith("deleteUsers_gdpr_")
 
 
 def test_parts() -> None:
-    assert _name("big.csv", part=(2, 7)) == "users_big_20240305T140709Z_ab12cd34_part2of7.csv"
+    assert _name("big.csv", part=(2, 7)) == "users_big_20240305T140709000Z_ab12cd34_part2of7.csv"
     names = {_name("big.csv", part=(k, 3)) for k in (1, 2, 3)}
     assert len(names) == 3
     for bad in ((0, 3), (4, 3), (1, 0)):
@@ -85,7 +85,7 @@ def test_length_is_bounded_and_stem_truncated() -> None:
 
 
 def test_unsafe_prefix_or_bad_input_is_refused() -> None:
-    bad = ImportsConfig(prefixes=PerTypeNames(
+    bad = ImportsConfig.model_construct(prefixes=PerTypeNames(
         users="../up", user_events="e", delete_users="d", reward_redemptions="r"))
     with pytest.raises(ValueError, match="not safe"):
         remote_name(ImportType.USERS, "a.csv", SHA, WHEN, bad)
@@ -105,4 +105,4 @@ def test_any_name_gives_a_safe_remote_name(stem: str, import_type: ImportType, e
     assert SAFE.fullmatch(name), name
     assert ".." not in name and len(name) <= MAX_REMOTE_NAME
     assert name.endswith(ext.lower()) and name.count(".") == 1
-    assert "_20240305T140709Z_ab12cd34" in name
+    assert "_20240305T140709000Z_ab12cd34" in name

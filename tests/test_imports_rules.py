@@ -128,7 +128,7 @@ def test_fallback_types_untyped_names_but_never_overrides() -> None:
 
 
 def test_duplicate_configured_prefixes_are_ambiguous() -> None:
-    cfg = ImportsConfig(prefixes=PerTypeNames(
+    cfg = ImportsConfig.model_construct(prefixes=PerTypeNames(
         users="users", user_events="Users", delete_users="del", reward_redemptions="rew"))
     message = _refused(classify("users_x.csv", None, cfg), RefusalCode.AMBIGUOUS_CONFIG)
     assert "[imports.prefixes]" in message

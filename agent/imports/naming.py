@@ -1,4 +1,4 @@
-"""Remote file names: `<prefix>_<stem>_<YYYYMMDDTHHMMSSZ>_<sha8>[_partKofN].<ext>`.
+"""Remote file names: `<prefix>_<stem>_<YYYYMMDDTHHMMSSmmmZ>_<sha8>[_partKofN].<ext>`.
 
 The name always starts with the type's configured prefix (the server types the file by it), keeps
 the original stem readable, and is unique per content and second. It is built only from ASCII
@@ -15,24 +15,15 @@ from datetime import UTC, datetime
 
 from agent.config import ImportsConfig, ImportType
 from agent.imports.types import FileFormat, Refusal, file_format
+from agent.namerules import check_prefix
 
 MAX_REMOTE_NAME = 120
-TIMESTAMP_FORMAT = "%Y%m%dT%H%M%SZ"
+TIMESTAMP_FORMAT = "%Y%m%dT%H%M%S"  # then milliseconds and Z
 HASH_CHARS = 8
 
-_PREFIX_OK = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 _RUNS = re.compile(r"[-_]{2,}")
 _HEX = re.compile(r"[0-9a-fA-F]{8,}")
-
-
-def check_prefix(prefix: str) -> None:
-    """Raise ValueError unless the configured prefix is safe to start a remote name with."""
-    if not _PREFIX_OK.fullmatch(prefix) or ".." in prefix:
-        raise ValueError(
-            f"import prefix {prefix!r} is not safe in a remote file name: use 1-40 ASCII letters, "
-            "digits, '_', '-' or '.', starting with a letter or digit, without '..'"
-        )
 
 
 def readable_stem(original_name: str, prefix: str) -> str:
@@ -74,7 +65,10 @@ def remote_name(
         raise ValueError("remote_name needs a timezone-aware datetime")
     if not _HEX.fullmatch(sha256_hex):
         raise ValueError("sha256_hex must be a hexadecimal digest")
-    tail = f"_{when.astimezone(UTC).strftime(TIMESTAMP_FORMAT)}_{sha256_hex[:HASH_CHARS].lower()}"
+    moment = when.astimezone(UTC)
+    # milliseconds: two claims of the same content never share a name (a claim takes longer than 1 ms)
+    stamp = f"{moment.strftime(TIMESTAMP_FORMAT)}{moment.microsecond // 1000:03d}Z"
+    tail = f"_{stamp}_{sha256_hex[:HASH_CHARS].lower()}"
     if part is not None:
         k, n = part
         if not 1 <= k <= n:

@@ -76,8 +76,9 @@ def jsonl_records(stream: BinaryIO) -> Generator[bytes, None, None]:
 class _PartWriter:
     """Writes records into temporary part files in `out_dir`, opening a new one at each limit."""
 
-    def __init__(self, out_dir: Path, header: bytes, max_bytes: int, max_records: int) -> None:
-        self.out_dir = out_dir
+    def __init__(self, out_dir: Path | None, header: bytes, max_bytes: int, max_records: int) -> None:
+        self.out_dir = out_dir  # None: only count the parts (nothing is written)
+        self.parts = 0
         self.header = header
         self.max_bytes = max_bytes
         self.max_records = max_records
@@ -102,9 +103,13 @@ class _PartWriter:
 
     def _open_next(self) -> None:
         self.close()
-        fd, name = tempfile.mkstemp(prefix=".split-", suffix=".tmp", dir=self.out_dir)
-        self.temps.append(Path(name))
-        self._handle = os.fdopen(fd, "wb")
+        self.parts += 1
+        if self.out_dir is None:
+            self._handle = open(os.devnull, "wb")  # noqa: SIM115 - closed by close()
+        else:
+            fd, name = tempfile.mkstemp(prefix=".split-", suffix=".tmp", dir=self.out_dir)
+            self.temps.append(Path(name))
+            self._handle = os.fdopen(fd, "wb")
         self._handle.write(self.header)
         self._bytes = len(self.header)
         self._records = 0
@@ -112,7 +117,8 @@ class _PartWriter:
     def close(self) -> None:
         if self._handle is not None:
             self._handle.flush()
-            os.fsync(self._handle.fileno())
+            if self.out_dir is not None:
+                os.fsync(self._handle.fileno())
             self._handle.close()
             self._handle = None
 
@@ -133,11 +139,14 @@ def split_file(
     max_bytes: int,
     max_records: int,
     out_dir: str | os.PathLike[str],
+    *,
+    name: str | None = None,
 ) -> list[Path]:
     """Split `path` into parts in `out_dir` (k of n, in order), each at most `max_bytes` bytes and
     `max_records` records; their records joined equal the original's. Always writes copies, even
-    when one part suffices; never changes `path`. Raises SplitError when a record cannot fit and
-    FileExistsError when a part name is already taken; on any error no part is left behind."""
+    when one part suffices; never changes `path`. Parts are named after `name` (default: the
+    path's own name). Raises SplitError when a record cannot fit and FileExistsError when a part
+    name is already taken; on any error no part is left behind."""
     if max_bytes <= 0 or max_records <= 0:
         raise ValueError("max_bytes and max_records must be positive")
     source = Path(path)
@@ -154,7 +163,8 @@ def split_file(
             writer.close()
             if not writer.temps:
                 raise SplitError("the file has no records to split")
-            finals = [folder / name for name in part_names(source, len(writer.temps))]
+            finals = [folder / part for part in part_names(Path(name) if name else source,
+                                                         len(writer.temps))]
             taken = [final for final in finals if os.path.lexists(final)]
             if taken:
                 raise FileExistsError(f"split part already exists: {taken[0]}")
@@ -166,6 +176,26 @@ def split_file(
             raise
     _fsync_dir(folder)
     return finals
+
+
+def count_parts(path: str | os.PathLike[str], fmt: FileFormat, max_bytes: int, max_records: int) -> int:
+    """How many parts `split_file` would cut `path` into, without writing any; SplitError as there."""
+    if max_bytes <= 0 or max_records <= 0:
+        raise ValueError("max_bytes and max_records must be positive")
+    with open(path, "rb") as stream, closing(
+            csv_records(stream) if fmt == FileFormat.CSV else jsonl_records(stream)) as records:
+        header = next(records, b"") if fmt == FileFormat.CSV else b""
+        if header and not header.endswith((b"\n", b"\r")):
+            raise SplitError("the file has a header row but no records")
+        counter = _PartWriter(None, header, max_bytes, max_records)
+        try:
+            for number, record in enumerate(records, start=1):
+                counter.add(record, number)
+        finally:
+            counter.close()
+    if not counter.parts:
+        raise SplitError("the file has no records to split")
+    return counter.parts
 
 
 def _fsync_dir(folder: Path) -> None:
