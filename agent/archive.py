@@ -6,7 +6,9 @@ then recorded as done. Recovery finishes whichever half a crash interrupted (`re
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -21,6 +23,7 @@ class Filer:
     def __init__(self, config: Config, journal: Journal) -> None:
         self.config = config
         self.journal = journal
+        self.on_failed: Callable[[FileRecord], None] | None = None  # notify hook (agent.lifecycle)
 
     def archive_destination(self, record: FileRecord) -> Path:
         today = datetime.now(UTC)
@@ -31,7 +34,8 @@ class Filer:
         dest = self.archive_destination(record)
         record = self.journal.update(record.id, pending_path=dest, pending_state=FileState.ARCHIVED)
         record = self.finish_move(record)
-        logger.info("{} archived to {}", record.label, record.local_path)
+        logger.bind(file_id=record.id, file=record.name).info(
+            "{} archived to {}", record.label, record.local_path)
         return record
 
     def quarantine(self, record: FileRecord, reason: str, errors_csv: str | None = None) -> FileRecord:
@@ -51,13 +55,20 @@ class Filer:
                 record.id, state=FileState.FAILED, pending_path=None, pending_state=None,
                 next_attempt_at=None, message=reason,
             )
-        logger.error("{} failed: {} (see {})", record.label, reason, dest.name + ".reason.txt")
+        logger.bind(file_id=record.id, file=record.name).error(
+            "{} failed: {} (see {})", record.label, reason, dest.name + ".reason.txt")
+        if self.on_failed is not None:
+            self.on_failed(record)
         return record
 
     def finish_move(self, record: FileRecord) -> FileRecord:
         """Do the move the journal holds as an intent, then record it as done."""
         assert record.pending_path and record.pending_state
-        durable_move(Path(record.local_path), Path(record.pending_path))
+        source = Path(record.local_path)
+        durable_move(source, Path(record.pending_path))
+        if source.parent.parent == self.config.spool_dir and source.parent.name.startswith("split-"):
+            with contextlib.suppress(OSError):  # the last part of a split file leaves: drop its folder
+                source.parent.rmdir()
         return self.journal.update(
             record.id, state=FileState(record.pending_state), local_path=record.pending_path,
             pending_path=None, pending_state=None, next_attempt_at=None,

@@ -14,7 +14,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from agent.namerules import check_distinct, check_folder, check_prefix
 
@@ -219,6 +219,12 @@ class StatusConfig(_Section):
         if value and not value.startswith("/"):
             raise ValueError("must be an absolute remote path starting with '/' (or empty)")
         return value.rstrip("/") or ("/" if value else "")
+
+    @model_validator(mode="after")
+    def _move_needs_folder(self) -> StatusConfig:
+        if self.remote_results == RemoteResults.MOVE and not self.remote_results_folder:
+            raise ValueError('remote_results = "move" needs remote_results_folder')
+        return self
 
     @property
     def tracking(self) -> bool:

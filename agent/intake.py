@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from loguru import logger
 
@@ -92,7 +93,7 @@ class Intake:
         subfolder = subfolder_of(Path(record.source_path), self.config.paths.drop)
         verdict = admit(spool_path, record.name, subfolder, digest, self.config.imports,
                         part=self._part_of(record))
-        checked = {"size": size, "sha256": digest, "import_type": verdict.import_type}
+        checked: dict[str, Any] = {"size": size, "sha256": digest, "import_type": verdict.import_type}
         if verdict.refusal is not None:
             record = self.journal.update(record.id, **checked)
             return self.filer.quarantine(record, verdict.refusal, verdict.errors_csv)

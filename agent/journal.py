@@ -6,9 +6,11 @@ guarded by a lock, is shared by the daemon's threads; readers such as `status` o
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -55,6 +57,7 @@ CREATE TABLE IF NOT EXISTS files (
     force_resend INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS files_state ON files (state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS files_state_id ON files (state, id);  -- next_sendable: oldest first, O(log n)
 CREATE INDEX IF NOT EXISTS files_sha256 ON files (sha256);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY,
@@ -157,6 +160,19 @@ class Journal:
         if "force_resend" not in present:
             self._db.execute("ALTER TABLE files ADD COLUMN force_resend INTEGER NOT NULL DEFAULT 0")
 
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One write transaction under the lock; rolled back if any statement fails, so a failed
+        write (e.g. a full disk) never leaves the shared connection stuck inside a transaction."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
@@ -170,8 +186,7 @@ class Journal:
     def add_claim(self, name: str, source_path: Path, spool_dir: Path) -> FileRecord:
         """Write the row before the file moves, so a crash mid-claim is always found again."""
         now = utc_now_iso()
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+        with self._transaction():
             cursor = self._db.execute(
                 "INSERT INTO files (name, source_path, local_path, state, created_at, updated_at)"
                 " VALUES (?, ?, '', ?, ?, ?)",
@@ -184,7 +199,6 @@ class Journal:
                 "INSERT INTO events (file_id, at, state, message) VALUES (?, ?, ?, ?)",
                 (file_id, now, FileState.CLAIMED.value, f"claimed from {source_path}"),
             )
-            self._db.execute("COMMIT")
         return self.get(file_id)
 
     def add_parts(self, parent: FileRecord, parts: list[Path], parent_dest: Path,
@@ -193,8 +207,7 @@ class Journal:
         parent_id = parent.id
         now = utc_now_iso()
         ids = []
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+        with self._transaction():
             for part in parts:
                 cursor = self._db.execute(
                     "INSERT INTO files (name, source_path, local_path, state, created_at, updated_at)"
@@ -214,7 +227,6 @@ class Journal:
                 "INSERT INTO events (file_id, at, state, message) VALUES (?, ?, ?, ?)",
                 (parent_id, now, FileState.CLAIMED.value, f"split into parts #{ids[0]}..#{ids[-1]}"),
             )
-            self._db.execute("COMMIT")
         return [self.get(file_id) for file_id in ids]
 
     def update(self, file_id: int, message: str | None = None, **fields: Any) -> FileRecord:
@@ -225,11 +237,10 @@ class Journal:
         now = utc_now_iso()
         values = {key: (val.value if isinstance(val, StrEnum) else val) for key, val in fields.items()}
         values = {key: (str(val) if isinstance(val, Path) else val) for key, val in values.items()}
-        assignments = ", ".join(f"{key} = ?" for key in values)
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+        assignments = "".join(f"{key} = ?, " for key in values)  # none: a message-only event
+        with self._transaction():
             self._db.execute(
-                f"UPDATE files SET {assignments}, updated_at = ? WHERE id = ?",
+                f"UPDATE files SET {assignments}updated_at = ? WHERE id = ?",
                 (*values.values(), now, file_id),
             )
             if "state" in values or message:
@@ -240,15 +251,12 @@ class Journal:
                     "INSERT INTO events (file_id, at, state, message) VALUES (?, ?, ?, ?)",
                     (file_id, now, state, message),
                 )
-            self._db.execute("COMMIT")
         return self.get(file_id)
 
     def delete(self, file_id: int) -> None:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+        with self._transaction():
             self._db.execute("DELETE FROM events WHERE file_id = ?", (file_id,))
             self._db.execute("DELETE FROM files WHERE id = ?", (file_id,))
-            self._db.execute("COMMIT")
 
     def get(self, file_id: int) -> FileRecord:
         rows = self._select("WHERE id = ?", (file_id,))
@@ -259,6 +267,18 @@ class Journal:
     def all(self) -> list[FileRecord]:
         return self._select(tail="ORDER BY id")
 
+    def query(self, where: str, params: tuple[Any, ...] = ()) -> list[FileRecord]:
+        """Rows matching a WHERE clause (fixed SQL text, values as parameters), in id order."""
+        return self._select(where, params, "ORDER BY id")
+
+    def events(self, file_id: int) -> list[tuple[str, str, str | None]]:
+        """Every (at, state, message) logged for one file, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT at, state, message FROM events WHERE file_id = ? ORDER BY id", (file_id,)
+            ).fetchall()
+        return [(str(at), str(state), message) for at, state, message in rows]
+
     def unfinished(self) -> list[FileRecord]:
         final = tuple(state.value for state in FINAL_STATES)
         return self._select(f"WHERE state NOT IN ({', '.join('?' * len(final))})", final, "ORDER BY id")
@@ -268,12 +288,14 @@ class Journal:
         now = time.time() if now is None else now
         states = tuple(state.value for state in self.sendable_states)
         marks = ", ".join("?" * len(states))
-        due = self._select(
-            f"WHERE state IN ({marks}) AND (next_attempt_at IS NULL OR next_attempt_at <= ?)",
-            (*states, now), "ORDER BY id LIMIT 1",
-        )
+        # One query per state walks the (state, id) index in id order and stops at the first due row;
+        # a single `state IN (...) ORDER BY id` query would sort every queued row, each time.
+        due = [row for state in states for row in self._select(
+            "WHERE state = ? AND (next_attempt_at IS NULL OR next_attempt_at <= ?)",
+            (state, now), "ORDER BY id LIMIT 1",
+        )]
         if due:
-            return due[0], None
+            return min(due, key=lambda record: record.id), None
         with self._lock:
             row = self._db.execute(
                 f"SELECT MIN(next_attempt_at) FROM files WHERE state IN ({marks})", states
@@ -291,6 +313,16 @@ class Journal:
             (sha256, import_type, exclude_id, since_iso, *unsent), "ORDER BY id DESC LIMIT 1",
         )
         return rows[0] if rows else None
+
+    def count_below_attempts(self, states: tuple[FileState, ...], attempts: int) -> int:
+        """Rows in these states that have had fewer than `attempts` attempts (one index query)."""
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT COUNT(*) FROM files WHERE state IN ({', '.join('?' * len(states))})"
+                " AND attempts < ?",
+                (*(state.value for state in states), attempts),
+            ).fetchone()
+        return int(row[0])
 
     def count_in(self, states: tuple[FileState, ...]) -> int:
         with self._lock:

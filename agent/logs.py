@@ -4,12 +4,32 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 from loguru import logger
 
 from agent.config import LogConfig, LogFormat
 
+if TYPE_CHECKING:
+    from loguru import Record
+
 TEXT_FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7} {message}"
+# Control characters in a message (a dropped file's name may hold a newline) are shown escaped, so
+# a file name can never forge or split a log line.
+_ESCAPED = {c: ("\\n" if c == 10 else "\\r" if c == 13 else f"\\x{c:02x}")
+            for c in (*range(32), 127) if c != 9}
+
+
+def _one_line(record: Record) -> None:
+    record["message"] = record["message"].translate(_ESCAPED)
+
+
+def _text_format(record: Record) -> str:
+    """TEXT_FORMAT; a record about a file whose message does not name it gets `[#id 'name']` added."""
+    extra = record["extra"]
+    if "file_id" in extra and f"#{extra['file_id']} " not in record["message"]:
+        return TEXT_FORMAT + " [#{extra[file_id]} {extra[file]!r}]\n{exception}"
+    return TEXT_FORMAT + "\n{exception}"
 
 
 class _InterceptHandler(logging.Handler):
@@ -26,10 +46,11 @@ class _InterceptHandler(logging.Handler):
 def setup_logging(config: LogConfig | None = None) -> None:
     config = config or LogConfig()
     logger.remove()
+    logger.configure(patcher=_one_line)
     logger.add(
         sys.stderr,
         level=config.level,
-        format=TEXT_FORMAT,
+        format=_text_format,
         colorize=sys.stderr.isatty(),
         serialize=config.format == LogFormat.JSON,
         backtrace=False,

@@ -19,6 +19,7 @@ from agent.config import Config, ConfigError, load_config
 from agent.fsutil import ensure_dir
 from agent.intake import Intake, SettleQueue
 from agent.journal import ACTIVE_STATES, FileState, Journal
+from agent.lifecycle import TRACKED_STATES, Lifecycle
 from agent.logs import setup_logging
 from agent.metrics import Metrics
 from agent.sftp import SftpSession
@@ -47,6 +48,7 @@ class Agent:
         self.session = SftpSession(config.sftp)
         self.uploader = Uploader(config, self.journal, self.filer, self.session)
         self.worker = UploadWorker(self.uploader, self.journal)
+        self.lifecycle = Lifecycle(config, self.journal, self.filer, self.uploader)  # after the upload
         self.intake = Intake(config, self.journal, self.filer, self.scanner, self.worker.wake)
         self.settle = SettleQueue(config.watch.settle_seconds, self.intake.claim)
         self.watcher: DropWatcher | None = None
@@ -76,6 +78,7 @@ class Agent:
     def rescan(self) -> None:
         for candidate in self.scanner.scan():
             self.settle.notice(candidate)
+        self.worker.wake()  # a file re-queued by another process (`retry`) goes within rescan_seconds
 
     def start(self) -> None:
         self.recover()
@@ -86,6 +89,7 @@ class Agent:
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self.scheduler.add_job(self.rescan, "interval", seconds=self.config.watch.rescan_seconds,
                                id="rescan", coalesce=True, max_instances=1)
+        self.lifecycle.add_jobs(self.scheduler)  # status poll, archive, retention
         self.scheduler.start()
         self.rescan()
         logger.info("watching {} (settle {} s, rescan every {} s); uploading to {}@{}:{}{}",
@@ -102,6 +106,7 @@ class Agent:
         self.settle.stop(max(0.1, deadline - time.monotonic()))
         if not self.worker.stop(max(0.1, deadline - time.monotonic())):
             logger.warning("the upload in flight did not stop in time; it resumes at the next start")
+        self.lifecycle.stop(max(0.1, deadline - time.monotonic()))
         self.journal.close()
         self._lock_file.close()
 
@@ -115,14 +120,15 @@ class Agent:
         self.rescan()
         limit = self.config.retry.once_max_attempts
         while True:
-            if self.settle.idle() and not self.worker.busy.is_set():
-                active = [r for r in self.journal.unfinished() if r.state in ACTIVE_STATES]
-                if all(r.attempts >= limit for r in active):
-                    break
+            # one COUNT query: listing every row each 50 ms was quadratic in a backlog
+            if (self.settle.idle() and not self.worker.busy.is_set()
+                    and not self.journal.count_below_attempts(self.journal.sendable_states, limit)):
+                break
             time.sleep(0.05)
         outcome = [r for r in self.journal.all() if r.id in start_ids or r.id >= first_new_id]
         self.stop()
-        not_done = [r for r in outcome if r.state != FileState.ARCHIVED]
+        not_done = [r for r in outcome if r.state != FileState.ARCHIVED
+                    and not (self.config.status.tracking and r.state in TRACKED_STATES)]
         for record in not_done:
             logger.bind(file_id=record.id, file=record.name).error(
                 "{} ended {}: {}", record.label, record.state.value, record.error)

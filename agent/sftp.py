@@ -9,17 +9,37 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import socket
 import stat
 import threading
+import warnings
 from pathlib import Path
+from typing import Any
 
 import paramiko
 from loguru import logger
 
 from agent.config import SftpConfig
+from agent.systemd import CREDENTIAL_KEY_NAME, credential_path
 
 SFTP_WRITE_CHUNK = 32768  # the largest write paramiko sends in one request
+# Secure algorithms only, fastest first (bench/RESULTS.md). CBC modes, 3DES and MD5/96-bit MACs are
+# never offered; AES-GCM is an AEAD (one pass, no separate MAC), CTR + SHA-2 HMAC is the fallback.
+PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes192-ctr",
+                     "aes256-ctr")
+PREFERRED_MACS = ("hmac-sha2-256-etm@openssh.com", "hmac-sha2-512-etm@openssh.com", "hmac-sha2-256",
+                  "hmac-sha2-512", "hmac-sha1")
+TRANSPORT_WINDOW = 16 * 1024 * 1024  # SSH channel window we grant the server (paramiko's default: 2 MiB)
+
+
+def make_transport(sock: socket.socket | paramiko.ProxyCommand, **kwargs: Any) -> paramiko.Transport:
+    """`SSHClient.connect`'s transport factory: our window size and algorithm preference."""
+    transport = paramiko.Transport(sock, default_window_size=TRANSPORT_WINDOW, **kwargs)
+    options = transport.get_security_options()
+    options.ciphers = tuple(name for name in PREFERRED_CIPHERS if name in options.ciphers)
+    options.digests = tuple(name for name in PREFERRED_MACS if name in options.digests)
+    return transport
 
 
 class PrivateKeyError(Exception):
@@ -30,8 +50,16 @@ class ConnectError(Exception):
     """The server could not be reached or would not let us in; always worth retrying later."""
 
 
+SUPPORTED_KEY_TYPES = {"ssh-ed25519": "ED25519", "ssh-rsa": "RSA"}  # what SaaSquatch accepts
+
+
+def private_key_path(cfg: SftpConfig) -> Path:
+    """The key systemd passed (LoadCredential=sftp-key:...), else the configured sftp.private_key."""
+    return credential_path(CREDENTIAL_KEY_NAME) or cfg.private_key
+
+
 def load_private_key(path: Path) -> paramiko.PKey:
-    """Load an ED25519/RSA/ECDSA private key, refusing what OpenSSH would refuse."""
+    """Load an ED25519 or RSA private key, refusing what OpenSSH or SaaSquatch would refuse."""
     try:
         info = os.stat(path)
     except FileNotFoundError:
@@ -49,8 +77,18 @@ def load_private_key(path: Path) -> paramiko.PKey:
             f" fix it with `chmod 600 {path}`"
         )
     try:
-        key = paramiko.PKey.from_path(path)
-    except paramiko.PasswordRequiredException:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # cryptography's deprecation notice for DSA keys
+            key = paramiko.PKey.from_path(path)
+    except paramiko.UnknownKeyType as exc:
+        kind = str(getattr(exc.key_type, "__name__", exc.key_type)).removesuffix("PrivateKey") or "unknown"
+        raise PrivateKeyError(
+            f"private key {path} is a {kind} key, which SaaSquatch does not accept; make an ED25519 key"
+            f" with `saasquatch-agent keygen PATH` and paste its .pub line into SaaSquatch"
+        ) from None
+    except (paramiko.PasswordRequiredException, TypeError) as exc:  # paramiko 4 lets cryptography's through
+        if isinstance(exc, TypeError) and "password" not in str(exc).lower():
+            raise PrivateKeyError(f"private key {path} is not a usable OpenSSH private key ({exc})") from None
         raise PrivateKeyError(
             f"private key {path} is protected by a passphrase; SaaSquatch needs a key without one"
             f" (remove it with `ssh-keygen -p -N '' -f {path}` or make a new key with keygen)"
@@ -60,7 +98,22 @@ def load_private_key(path: Path) -> paramiko.PKey:
             f"private key {path} is not a usable OpenSSH private key ({exc});"
             " SaaSquatch accepts ED25519 and RSA keys"
         ) from None
+    if key.get_name() not in SUPPORTED_KEY_TYPES:
+        raise PrivateKeyError(
+            f"private key {path} is of type {key.get_name()}, which SaaSquatch does not accept (ED25519"
+            " and RSA only); make an ED25519 key with `saasquatch-agent keygen PATH` and paste its .pub"
+            " line into SaaSquatch"
+        )
     return key
+
+
+def proxy_sock(cfg: SftpConfig) -> paramiko.ProxyCommand | None:
+    """sftp.proxy_command as the SSH connection's socket (OpenSSH's %h, %p, %r and %% tokens)."""
+    if not cfg.proxy_command:
+        return None
+    tokens = {"h": cfg.host, "p": str(cfg.port), "r": cfg.username, "%": "%"}
+    command = re.sub(r"%(.)", lambda m: tokens.get(m.group(1), m.group(0)), cfg.proxy_command)
+    return paramiko.ProxyCommand(command)
 
 
 def known_hosts_name(host: str, port: int) -> str:
@@ -90,7 +143,7 @@ class SftpSession:
 
     def _connect(self) -> paramiko.SFTPClient:
         cfg = self.config
-        key = load_private_key(cfg.private_key)
+        key = load_private_key(private_key_path(cfg))
         ssh = paramiko.SSHClient()
         try:
             ssh.load_host_keys(str(cfg.known_hosts))
@@ -107,6 +160,7 @@ class SftpSession:
                 allow_agent=False, look_for_keys=False,
                 timeout=cfg.connect_timeout, banner_timeout=cfg.connect_timeout,
                 auth_timeout=cfg.connect_timeout, channel_timeout=cfg.connect_timeout,
+                sock=proxy_sock(cfg), transport_factory=make_transport,
             )
         except paramiko.BadHostKeyException as exc:
             ssh.close()
