@@ -22,6 +22,7 @@ class FileState(StrEnum):
     CLAIMED = "claimed"  # row written; the file is being moved into the spool and checked
     QUEUED = "queued"  # in the spool, checked, remote name fixed, waiting to be sent
     UPLOADING = "uploading"  # an upload started; the remote side may hold a temporary file
+    PUBLISHING = "publishing"  # the temporary file is complete (size checked); renaming it to the final name
     UPLOADED = "uploaded"  # published under its final remote name, verified by size
     ARCHIVED = "archived"  # final: local copy in archive/
     FAILED = "failed"  # final: local copy in failed/ with a reason file
@@ -34,7 +35,8 @@ class FileState(StrEnum):
 
 
 FINAL_STATES = frozenset({FileState.ARCHIVED, FileState.FAILED, FileState.SPLIT, FileState.STALE})
-ACTIVE_STATES = (FileState.QUEUED, FileState.UPLOADING, FileState.UPLOADED)  # work left to do
+SENDING_STATES = (FileState.QUEUED, FileState.UPLOADING, FileState.PUBLISHING)  # the upload is not done
+ACTIVE_STATES = (*SENDING_STATES, FileState.UPLOADED)  # work left to do
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -323,6 +325,11 @@ class Journal:
                 (*(state.value for state in states), attempts),
             ).fetchone()
         return int(row[0])
+
+    def max_id(self) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT MAX(id) FROM files").fetchone()
+        return int(row[0] or 0)
 
     def count_in(self, states: tuple[FileState, ...]) -> int:
         with self._lock:

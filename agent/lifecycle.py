@@ -30,7 +30,7 @@ from loguru import logger
 from agent.archive import Filer
 from agent.config import Config, RemoteResults, StatusMode
 from agent.fsutil import fsync_dir, unique_path, write_durably
-from agent.journal import FileRecord, FileState, Journal
+from agent.journal import SENDING_STATES, FileRecord, FileState, Journal
 from agent.notify import Notifier
 from agent.remote_status import (
     MAX_STATUS_BYTES,
@@ -88,7 +88,7 @@ class Lifecycle:
         self._archive_lock = threading.Lock()  # the compress and retention jobs never overlap
         filer.on_failed = self._notify_failed
         if config.status.tracking:
-            journal.sendable_states = (FileState.QUEUED, FileState.UPLOADING)
+            journal.sendable_states = SENDING_STATES
         self._stopping = threading.Event()
         if uploader is not None:
             uploader.after_upload = self.after_upload

@@ -27,8 +27,6 @@ from agent.systemd import Notifier
 from agent.upload import Uploader, UploadWorker
 from agent.watch import DropScanner, DropWatcher
 
-STOP_TIMEOUT_SECONDS = 10.0
-
 
 class AlreadyRunning(Exception):
     pass
@@ -97,8 +95,9 @@ class Agent:
                     self.config.watch.rescan_seconds, self.config.sftp.username,
                     self.config.sftp.host, self.config.sftp.port, self.config.sftp.remote_dir)
 
-    def stop(self, timeout: float = STOP_TIMEOUT_SECONDS) -> None:
-        deadline = time.monotonic() + timeout
+    def stop(self) -> None:
+        """Stop everything within `daemon.stop_timeout_seconds`; an unfinished upload resumes later."""
+        deadline = time.monotonic() + self.config.daemon.stop_timeout_seconds
         if self.watcher is not None:
             self.watcher.stop()
         if self.scheduler is not None:
@@ -112,8 +111,8 @@ class Agent:
 
     def run_once(self) -> int:
         """Take what is in drop/ now, send it, file it; 0 when every file ended archived."""
-        start_ids = {record.id for record in self.journal.unfinished()}
-        first_new_id = max((r.id for r in self.journal.all()), default=0) + 1
+        start_ids = [record.id for record in self.journal.unfinished()]
+        first_new_id = self.journal.max_id() + 1
         self.recover()
         self.worker.start()
         self.settle.start()
@@ -125,7 +124,8 @@ class Agent:
                     and not self.journal.count_below_attempts(self.journal.sendable_states, limit)):
                 break
             time.sleep(0.05)
-        outcome = [r for r in self.journal.all() if r.id in start_ids or r.id >= first_new_id]
+        outcome = [self.journal.get(i) for i in start_ids]
+        outcome += self.journal.query("WHERE id >= ?", (first_new_id,))
         self.stop()
         not_done = [r for r in outcome if r.state != FileState.ARCHIVED
                     and not (self.config.status.tracking and r.state in TRACKED_STATES)]
@@ -206,7 +206,7 @@ def _start(config: Config, notifier: Notifier) -> tuple[Agent, Metrics]:
 
 def _stop(agent: Agent, metrics: Metrics, config: Config) -> None:
     logger.info("stopping (an upload in flight gets up to {} s)", config.daemon.stop_timeout_seconds)
-    agent.stop(config.daemon.stop_timeout_seconds)
+    agent.stop()
     metrics.stop()
 
 

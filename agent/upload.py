@@ -84,19 +84,10 @@ class Uploader:
         final = posixpath.join(self.remote_dir, record.remote_name)
         temp = posixpath.join(self.remote_dir, temporary_name(record.remote_name))
         sftp = self._client()
-        if record.state == FileState.UPLOADING:
-            found = remote_size(sftp, final)
-            if found == record.size:
-                logger.info("{} was already published as {}; not sending it again", record.label, final)
-                return self.journal.update(record.id, state=FileState.UPLOADED, error=None,
-                                           message="found published on the server")
-            if found is not None:
-                raise PermanentUploadError(
-                    f"the server already has {final} with {found} bytes, not the {record.size} of this"
-                    " file; refusing to overwrite it"
-                )
-            if remote_size(sftp, temp) is not None:
-                sftp.remove(temp)
+        if record.state in (FileState.UPLOADING, FileState.PUBLISHING):
+            done = self._resume(sftp, record, temp, final)
+            if done is not None:
+                return done
         else:
             record = self.journal.update(record.id, state=FileState.UPLOADING,
                                          message=f"sending to {final}")
@@ -108,6 +99,47 @@ class Uploader:
                 f"the server kept {sent} of {record.size} bytes of {temp} (is its disk full?);"
                 " sending again"
             )
+        record = self.journal.update(record.id, state=FileState.PUBLISHING, message=f"renaming to {final}")
+        self._rename(sftp, record, temp, final)
+        elapsed = time.monotonic() - started
+        logger.info("{} uploaded as {} ({} bytes in {:.2f} s)", record.label, final, record.size, elapsed)
+        if self.on_published is not None:
+            self.on_published(record, elapsed)
+        return self.journal.update(record.id, state=FileState.UPLOADED, error=None,
+                                   message=f"published as {final}")
+
+    def _resume(self, sftp: paramiko.SFTPClient, record: FileRecord, temp: str,
+                final: str) -> FileRecord | None:
+        """An earlier attempt got at least as far as sending: look at the server before sending again.
+
+        Returns the record once it is published, or None when the file must be sent (again).
+        """
+        found = remote_size(sftp, final)
+        if found == record.size:
+            logger.info("{} was already published as {}; not sending it again", record.label, final)
+            return self.journal.update(record.id, state=FileState.UPLOADED, error=None,
+                                       message="found published on the server")
+        if found is not None:
+            raise PermanentUploadError(
+                f"the server already has {final} with {found} bytes, not the {record.size} of this"
+                " file; refusing to overwrite it"
+            )
+        partial = remote_size(sftp, temp)
+        if record.state == FileState.PUBLISHING:
+            if partial == record.size:  # complete and checked; only the rename was cut short
+                self._rename(sftp, record, temp, final)
+                return self.journal.update(record.id, state=FileState.UPLOADED, error=None,
+                                           message=f"published as {final}")
+            if partial is None:  # renamed, and the server has already taken the final name away
+                logger.info("{} was renamed to {} and taken by the server; not sending it again",
+                            record.label, final)
+                return self.journal.update(record.id, state=FileState.UPLOADED, error=None,
+                                           message="renamed before the crash; already taken by the server")
+        if partial is not None:
+            sftp.remove(temp)
+        return None
+
+    def _rename(self, sftp: paramiko.SFTPClient, record: FileRecord, temp: str, final: str) -> None:
         try:
             publish_rename(sftp, temp, final)
         except OSError as exc:
@@ -116,12 +148,6 @@ class Uploader:
                     f"the server refused the name {record.remote_name} (permission denied on rename)"
                 ) from None
             raise
-        elapsed = time.monotonic() - started
-        logger.info("{} uploaded as {} ({} bytes in {:.2f} s)", record.label, final, record.size, elapsed)
-        if self.on_published is not None:
-            self.on_published(record, elapsed)
-        return self.journal.update(record.id, state=FileState.UPLOADED, error=None,
-                                   message=f"published as {final}")
 
     def _send(self, sftp: paramiko.SFTPClient, local: Path, temp: str, record: FileRecord) -> None:
         try:

@@ -229,8 +229,8 @@ def test_retry_history_and_status_filters(sshd_server: SshdServer, tmp_path: Pat
         assert len(fake.seen) == 3  # fine, again (1st), again (2nd)
     second = row(env, "users_again.csv")
     assert second["remote_name"] != first["remote_name"] and second["error"] is None
-    assert states_seen(env, "users_again.csv")[-6:] == ["failed", "queued", "uploading", "uploaded",
-                                                         "completed", "archived"]
+    assert states_seen(env, "users_again.csv")[-7:] == ["failed", "queued", "uploading", "publishing",
+                                                         "uploaded", "completed", "archived"]
     messages = [e["message"] or "" for e in history(env, "users_again.csv")[0]["events"]]
     assert any("retry requested by the operator" in m for m in messages)
     text = env.cli("history", "users_again.csv", "--config", str(env.config_path))
