@@ -1,0 +1,113 @@
+"""The speed-ups of the performance issue keep their promises.
+
+- next_sendable walks an index (no sort of every queued row per file: a backlog stays linear) and
+  still hands out the oldest due file, skipping files in backoff;
+- run --once's idle check is one COUNT query;
+- the SSH transport offers only secure algorithms, AES-GCM first, and a real sshd agrees to it.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import paramiko
+import pytest
+
+from agent.config import SftpConfig
+from agent.journal import ACTIVE_STATES, FileState, Journal
+from agent.sftp import PREFERRED_CIPHERS, TRANSPORT_WINDOW, SftpSession, make_transport
+from tests.helpers.sshd import SshdServer
+
+
+def journal_with(tmp_path: Path, states: list[tuple[FileState, float | None, int]]) -> Journal:
+    journal = Journal(tmp_path / "journal.sqlite3")
+    for index, (state, next_attempt_at, attempts) in enumerate(states):
+        record = journal.add_claim(f"users_{index}.csv", tmp_path / f"users_{index}.csv", tmp_path)
+        journal.update(record.id, state=state, next_attempt_at=next_attempt_at, attempts=attempts)
+    return journal
+
+
+def test_next_sendable_is_the_oldest_due_file_across_states(tmp_path: Path) -> None:
+    later = time.time() + 3600
+    journal = journal_with(tmp_path, [
+        (FileState.ARCHIVED, None, 0),   # 1: final
+        (FileState.QUEUED, later, 1),    # 2: in backoff
+        (FileState.UPLOADED, None, 0),   # 3: due
+        (FileState.UPLOADING, None, 0),  # 4: due
+        (FileState.QUEUED, None, 0),     # 5: due
+    ])
+    try:
+        record, _ = journal.next_sendable()
+        assert record is not None and record.id == 3
+        journal.sendable_states = (FileState.QUEUED, FileState.UPLOADING)  # status job owns UPLOADED
+        record, _ = journal.next_sendable()
+        assert record is not None and record.id == 4
+        journal.update(4, state=FileState.ARCHIVED)
+        journal.update(5, state=FileState.ARCHIVED)
+        record, next_due = journal.next_sendable()
+        assert record is None and next_due == pytest.approx(later)
+        record, _ = journal.next_sendable(now=later + 1)
+        assert record is not None and record.id == 2
+    finally:
+        journal.close()
+
+
+def test_next_sendable_uses_the_state_id_index_without_sorting(tmp_path: Path) -> None:
+    journal = journal_with(tmp_path, [(FileState.QUEUED, None, 0)])
+    try:
+        plan = journal._db.execute(
+            "EXPLAIN QUERY PLAN SELECT id FROM files WHERE state = ? AND"
+            " (next_attempt_at IS NULL OR next_attempt_at <= ?) ORDER BY id LIMIT 1",
+            ("queued", time.time()),
+        ).fetchall()
+        text = " ".join(str(row[-1]) for row in plan)
+        assert "files_state_id" in text and "TEMP B-TREE" not in text, text
+    finally:
+        journal.close()
+
+
+def test_count_below_attempts(tmp_path: Path) -> None:
+    journal = journal_with(tmp_path, [
+        (FileState.QUEUED, None, 3), (FileState.UPLOADING, None, 1), (FileState.ARCHIVED, None, 0),
+    ])
+    try:
+        assert journal.count_below_attempts(ACTIVE_STATES, 3) == 1
+        assert journal.count_below_attempts(ACTIVE_STATES, 4) == 2
+        assert journal.count_below_attempts(ACTIVE_STATES, 1) == 0
+    finally:
+        journal.close()
+
+
+def test_transport_offers_secure_algorithms_only() -> None:
+    left, right = socket.socketpair()
+    try:
+        transport = make_transport(left)
+        options = transport.get_security_options()
+        assert options.ciphers[0] == "aes128-gcm@openssh.com"
+        assert set(options.ciphers) <= set(PREFERRED_CIPHERS)
+        assert not any("cbc" in name or "3des" in name for name in options.ciphers)
+        assert not any("md5" in name or name.endswith("-96") for name in options.digests)
+        assert transport.default_window_size == TRANSPORT_WINDOW
+    finally:
+        left.close()
+        right.close()
+
+
+@pytest.mark.timeout(60)
+def test_real_sshd_negotiates_aes_gcm(sshd_server: SshdServer) -> None:
+    session = SftpSession(SftpConfig(
+        host=sshd_server.host, port=sshd_server.port, username=sshd_server.username,
+        private_key=sshd_server.user_key_path, known_hosts=sshd_server.known_hosts_path,
+        remote_dir=sshd_server.remote_dir,
+    ))
+    try:
+        sftp = session.client()
+        channel = sftp.get_channel()
+        assert channel is not None
+        transport: paramiko.Transport = channel.get_transport()
+        assert transport.local_cipher == "aes128-gcm@openssh.com"
+        assert sftp.listdir(sshd_server.remote_dir) == []
+    finally:
+        session.close()
