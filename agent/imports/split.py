@@ -18,6 +18,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import BinaryIO
 
+from agent.fsutil import fsync_dir
 from agent.imports.types import FileFormat
 
 _BOM = b"\xef\xbb\xbf"
@@ -174,7 +175,7 @@ def split_file(
         except BaseException:
             writer.discard()
             raise
-    _fsync_dir(folder)
+    fsync_dir(folder)
     return finals
 
 
@@ -197,10 +198,3 @@ def count_parts(path: str | os.PathLike[str], fmt: FileFormat, max_bytes: int, m
         raise SplitError("the file has no records to split")
     return counter.parts
 
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
