@@ -10,7 +10,8 @@ import contextlib
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+import weakref
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -152,7 +153,20 @@ class Journal:
             self._db.executescript(_SCHEMA)
             self._migrate()
         self._db.execute("PRAGMA busy_timeout=10000")
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the writing connection
+        # Reads go through a second connection: in WAL mode it sees only committed rows, never the
+        # changes of a group commit that is still being gathered (see _transaction).
+        self._readonly = readonly
+        # one reading connection per thread, so reads run in parallel; dropped with its thread
+        self._readers: weakref.WeakKeyDictionary[threading.Thread, sqlite3.Connection] = (
+            weakref.WeakKeyDictionary())
+        self._gate = threading.Lock()  # guards the counters below
+        self._arriving = 0  # threads waiting to add their changes to the open transaction
+        self._open = False  # a transaction is open on the writing connection
+        self._generation = 0  # number of the open (or last) transaction
+        self._committed = 0  # every transaction up to this number is committed (or failed)
+        self._commit_lock = threading.Lock()  # one committer at a time; the others wait for it
+        self._failures: dict[int, BaseException] = {}  # transaction number -> why its COMMIT failed
         # what next_sendable hands the upload worker; without UPLOADED when the status job follows it
         self.sendable_states: tuple[FileState, ...] = ACTIVE_STATES
 
@@ -164,25 +178,99 @@ class Journal:
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
-        """One write transaction under the lock; rolled back if any statement fails, so a failed
-        write (e.g. a full disk) never leaves the shared connection stuck inside a transaction."""
+        """The caller's changes, committed durably (WAL, synchronous=FULL) before this returns.
+
+        Group commit: threads that write at the same time share one transaction and so one fsync.
+        Each caller's statements run in a savepoint of the open transaction (a failing statement
+        undoes only that caller's changes); then one of them commits for all, and every caller
+        returns only once the commit holding its changes is durable, or raises if it failed. So
+        each caller's "committed before the next step" ordering holds exactly as with one commit
+        per change. Readers use the other connection and never see changes not yet committed.
+        """
+        with self._gate:
+            self._arriving += 1
+        failure: BaseException | None = None
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            with self._gate:
+                self._arriving -= 1
+            if not self._open:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._open = True
+                self._generation += 1
+            generation = self._generation
+            self._db.execute("SAVEPOINT change")
             try:
                 yield
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+            except BaseException as exc:  # noqa: BLE001 - raised again below, once the others are safe
+                failure = exc
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK TO change")
+            if self._db.in_transaction:
+                self._db.execute("RELEASE change")
+            else:  # SQLite rolled the whole transaction back (e.g. disk full): all of it is lost
+                self._open = False
+                self._failures[generation] = failure or sqlite3.OperationalError("rolled back")
+        if failure is None:
+            self._commit(generation)
+            return
+        with contextlib.suppress(sqlite3.Error):
+            self._commit(generation)  # the other callers' changes in it; this caller's own error wins
+        raise failure
+
+    def _commit(self, generation: int) -> None:
+        """Return once transaction `generation` is committed, committing it if nobody has yet."""
+        with self._commit_lock:
+            if self._committed < generation:
+                with self._gate:
+                    arriving = self._arriving
+                if arriving:
+                    time.sleep(0)  # let the threads already at the door add their changes first
+                with self._lock:
+                    if self._db.in_transaction:  # whatever is open, which includes `generation`
+                        try:
+                            self._db.execute("COMMIT")
+                        except Exception as exc:  # noqa: BLE001 - every waiter of it is told below
+                            if self._db.in_transaction:
+                                self._db.execute("ROLLBACK")
+                            self._failures[self._generation] = exc
+                    self._open = False
+                    self._committed = self._generation
+                    for old in [number for number in self._failures if number < generation - 1000]:
+                        del self._failures[old]
+            failure = self._failures.get(generation)
+        if failure is not None:
+            raise sqlite3.OperationalError(f"journal commit failed: {failure}") from failure
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        """This thread's reading connection (the only connection of a read-only journal)."""
+        if self._readonly:
+            with self._lock:
+                yield self._db
+            return
+        thread = threading.current_thread()
+        with self._gate:
+            reader = self._readers.get(thread)
+        if reader is None:
+            reader = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            reader.execute("PRAGMA busy_timeout=10000")
+            with self._gate:
+                self._readers[thread] = reader
+        yield reader
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        with self._gate:
+            readers = list(self._readers.values())
+            self._readers.clear()
+        for reader in readers:
+            reader.close()
 
     def _select(self, where: str = "", params: tuple[Any, ...] = (), tail: str = "") -> list[FileRecord]:
         sql = f"SELECT {', '.join(_COLUMNS)} FROM files {where} {tail}"
-        with self._lock:
-            rows = self._db.execute(sql, params).fetchall()
+        with self._reading() as reader:
+            rows = reader.execute(sql, params).fetchall()
         return [FileRecord.from_row(row) for row in rows]
 
     def add_claim(self, name: str, source_path: Path, spool_dir: Path) -> FileRecord:
@@ -202,6 +290,29 @@ class Journal:
                 (file_id, now, FileState.CLAIMED.value, f"claimed from {source_path}"),
             )
         return self.get(file_id)
+
+    def add_claims(self, sources: list[Path], spool_dir: Path) -> list[FileRecord]:
+        """`add_claim` for several files in one commit (intake claims a burst as one batch)."""
+        now = utc_now_iso()
+        ids = []
+        with self._transaction():
+            for source_path in sources:
+                cursor = self._db.execute(
+                    "INSERT INTO files (name, source_path, local_path, state, created_at, updated_at)"
+                    " VALUES (?, ?, '', ?, ?, ?)",
+                    (source_path.name, str(source_path), FileState.CLAIMED.value, now, now),
+                )
+                file_id = int(cursor.lastrowid or 0)
+                ids.append(file_id)
+                self._db.execute("UPDATE files SET local_path = ? WHERE id = ?",
+                                 (str(spool_dir / f"{file_id:08d}"), file_id))
+                self._db.execute(
+                    "INSERT INTO events (file_id, at, state, message) VALUES (?, ?, ?, ?)",
+                    (file_id, now, FileState.CLAIMED.value, f"claimed from {source_path}"),
+                )
+        if not ids:
+            return []
+        return self._select("WHERE id BETWEEN ? AND ?", (ids[0], ids[-1]), "ORDER BY id")
 
     def add_parts(self, parent: FileRecord, parts: list[Path], parent_dest: Path,
                   parent_state: FileState) -> list[FileRecord]:
@@ -275,8 +386,8 @@ class Journal:
 
     def events(self, file_id: int) -> list[tuple[str, str, str | None]]:
         """Every (at, state, message) logged for one file, oldest first."""
-        with self._lock:
-            rows = self._db.execute(
+        with self._reading() as reader:
+            rows = reader.execute(
                 "SELECT at, state, message FROM events WHERE file_id = ? ORDER BY id", (file_id,)
             ).fetchall()
         return [(str(at), str(state), message) for at, state, message in rows]
@@ -285,22 +396,28 @@ class Journal:
         final = tuple(state.value for state in FINAL_STATES)
         return self._select(f"WHERE state NOT IN ({', '.join('?' * len(final))})", final, "ORDER BY id")
 
-    def next_sendable(self, now: float | None = None) -> tuple[FileRecord | None, float | None]:
-        """The oldest file due for sending, else None and the time the next one falls due."""
+    def next_sendable(self, now: float | None = None,
+                      exclude: Collection[int] = ()) -> tuple[FileRecord | None, float | None]:
+        """The oldest file due for sending, else None and the time the next one falls due.
+
+        `exclude`: ids other upload threads hold (a handful); they are neither returned nor waited for.
+        """
         now = time.time() if now is None else now
         states = tuple(state.value for state in self.sendable_states)
         marks = ", ".join("?" * len(states))
+        skip = tuple(exclude)
+        not_held = f" AND id NOT IN ({', '.join('?' * len(skip))})" if skip else ""
         # One query per state walks the (state, id) index in id order and stops at the first due row;
         # a single `state IN (...) ORDER BY id` query would sort every queued row, each time.
         due = [row for state in states for row in self._select(
-            "WHERE state = ? AND (next_attempt_at IS NULL OR next_attempt_at <= ?)",
-            (state, now), "ORDER BY id LIMIT 1",
+            f"WHERE state = ? AND (next_attempt_at IS NULL OR next_attempt_at <= ?){not_held}",
+            (state, now, *skip), "ORDER BY id LIMIT 1",
         )]
         if due:
             return min(due, key=lambda record: record.id), None
-        with self._lock:
-            row = self._db.execute(
-                f"SELECT MIN(next_attempt_at) FROM files WHERE state IN ({marks})", states
+        with self._reading() as reader:
+            row = reader.execute(
+                f"SELECT MIN(next_attempt_at) FROM files WHERE state IN ({marks}){not_held}", (*states, *skip)
             ).fetchone()
         return None, (row[0] if row and row[0] is not None else None)
 
@@ -318,8 +435,8 @@ class Journal:
 
     def count_below_attempts(self, states: tuple[FileState, ...], attempts: int) -> int:
         """Rows in these states that have had fewer than `attempts` attempts (one index query)."""
-        with self._lock:
-            row = self._db.execute(
+        with self._reading() as reader:
+            row = reader.execute(
                 f"SELECT COUNT(*) FROM files WHERE state IN ({', '.join('?' * len(states))})"
                 " AND attempts < ?",
                 (*(state.value for state in states), attempts),
@@ -327,13 +444,13 @@ class Journal:
         return int(row[0])
 
     def max_id(self) -> int:
-        with self._lock:
-            row = self._db.execute("SELECT MAX(id) FROM files").fetchone()
+        with self._reading() as reader:
+            row = reader.execute("SELECT MAX(id) FROM files").fetchone()
         return int(row[0] or 0)
 
     def count_in(self, states: tuple[FileState, ...]) -> int:
-        with self._lock:
-            row = self._db.execute(
+        with self._reading() as reader:
+            row = reader.execute(
                 f"SELECT COUNT(*) FROM files WHERE state IN ({', '.join('?' * len(states))})",
                 tuple(state.value for state in states),
             ).fetchone()
