@@ -6,6 +6,7 @@ is exactly a file the daemon sends. Nothing here moves a file or logs.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ class Admission:
     deletes: int = 0
     refused_before_reading: Refusal | None = None  # refused by name or extension
     report: ValidationReport | None = None  # the content check, when the content was read
+    sha256: str | None = None  # the file's SHA-256 when admit was asked to compute it and read it all
 
     @property
     def ok(self) -> bool:
@@ -64,7 +66,7 @@ def admit(
     path: str | os.PathLike[str],
     name: str,
     subfolder: str | None,
-    digest: str,
+    digest: str | None,
     cfg: ImportsConfig,
     *,
     fallback: ImportType | None = None,
@@ -76,7 +78,8 @@ def admit(
 
     `fallback` types a file that neither name nor folder types (the CLI's `--type`). A `part` is
     typed like its original and named `<prefix>_<original stem>_<time>_<original hash>_partKofN`;
-    a part over the limits is refused, never split again.
+    a part over the limits is refused, never split again. `digest` None: the SHA-256 is computed
+    while the content is checked (one read) and returned as `sha256`.
     """
     typed_as = part.original_name if part else name
     classification = classify(typed_as, part.subfolder if part else subfolder, cfg, fallback=fallback)
@@ -88,21 +91,38 @@ def admit(
     fmt = file_format(name)
     if isinstance(fmt, Refusal):
         return Admission(import_type, refusal=reason_paragraph(name, fmt), refused_before_reading=fmt)
-    report = validate_file(path, import_type, cfg, fmt=fmt, follow_symlinks=follow_symlinks)
+    report = validate_file(path, import_type, cfg, fmt=fmt, follow_symlinks=follow_symlinks,
+                           digest=hashlib.sha256() if digest is None else None)
+    if digest is None:
+        digest = report.sha256
     if not report.ok:
         return Admission(import_type, refusal=reason_paragraph(name, report),
-                         errors_csv=errors_csv_text(report), report=report)
+                         errors_csv=errors_csv_text(report), report=report, sha256=digest)
     if report.over_limits:
         if cfg.oversize == OversizePolicy.REFUSE or part is not None:
-            return Admission(import_type, refusal=reason_paragraph(name, report), report=report)
-        return Admission(import_type, split_format=fmt, deletes=report.deletes, report=report)
+            return Admission(import_type, refusal=reason_paragraph(name, report), report=report,
+                             sha256=digest)
+        return Admission(import_type, split_format=fmt, deletes=report.deletes, report=report,
+                         sha256=digest)
+    if digest is None:  # the check did not read the whole file in order: hash it on its own
+        digest = file_sha256(path, follow_symlinks)
     when = now or datetime.now(UTC)
     if part is not None:
         remote = remote_name(import_type, part.original_name, part.original_sha256, when, cfg,
                              part=(part.k, part.n))
     else:
         remote = remote_name(import_type, name, digest, when, cfg)
-    return Admission(import_type, remote_name=remote, deletes=report.deletes, report=report)
+    return Admission(import_type, remote_name=remote, deletes=report.deletes, report=report,
+                     sha256=digest)
+
+
+def file_sha256(path: str | os.PathLike[str], follow_symlinks: bool = False) -> str:
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (0 if follow_symlinks else os.O_NOFOLLOW)
+    digest = hashlib.sha256()
+    with open(os.open(path, flags), "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def spool_part_of(source_path: Path, spool_dir: Path) -> int | None:

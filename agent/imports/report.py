@@ -56,6 +56,7 @@ class ValidationReport:
     deletes: int = 0
     max_file_bytes: int = 0
     max_records: int = 0
+    sha256: str | None = None  # set when validate_file was given a hash object and read the whole file
 
     @property
     def over_bytes(self) -> bool:

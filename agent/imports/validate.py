@@ -12,9 +12,11 @@ import io
 import os
 import stat
 from pathlib import Path
+from typing import BinaryIO, cast
 
 from agent.config import ImportsConfig, ImportType
 from agent.imports.csvcheck import check_csv
+from agent.imports.hashing import HashingReader, HashObject
 from agent.imports.jsonlcheck import check_jsonl
 from agent.imports.report import MAX_KEPT_ERRORS, ErrorSink, RecordError, ValidationReport
 from agent.imports.types import FileFormat, Refusal, file_format
@@ -92,8 +94,12 @@ def validate_file(
     fmt: FileFormat | None = None,
     follow_symlinks: bool = False,
     max_errors: int = MAX_KEPT_ERRORS,
+    digest: HashObject | None = None,
 ) -> ValidationReport:
     """Check the file at `path` as `import_type`; the format comes from its extension unless given.
+
+    With `digest`, the bytes read are hashed on the way (one read for both): the report's `sha256`
+    is set when the check read the whole file in order, else None (then hash it separately).
 
     Reads the file once, in constant memory. Never raises for bad content: every problem becomes a
     RecordError in the report. Raises OSError only for I/O trouble other than the refusals above.
@@ -102,6 +108,7 @@ def validate_file(
     sink = ErrorSink(max_errors)
     size = 0
     records = 0
+    sha256: str | None = None
     if fmt is None:
         found = file_format(Path(path).name)
         if isinstance(found, Refusal):
@@ -115,7 +122,12 @@ def validate_file(
         else:
             with opened as raw:
                 size = os.fstat(raw.fileno()).st_size
-                records = _check_content(raw, fmt, import_type, sink, size)
+                if digest is None:
+                    records = _check_content(raw, fmt, import_type, sink, size)
+                else:
+                    hashing = HashingReader(raw, digest)
+                    records = _check_content(hashing, fmt, import_type, sink, size)
+                    sha256 = hashing.hexdigest()
     return ValidationReport(
         ok=sink.count == 0,
         import_type=import_type,
@@ -128,10 +140,11 @@ def validate_file(
         deletes=records if import_type == ImportType.DELETE_USERS else 0,
         max_file_bytes=cfg.max_file_bytes,
         max_records=cfg.max_records,
+        sha256=sha256,
     )
 
 
-def _check_content(raw: io.FileIO, fmt: FileFormat, import_type: ImportType, sink: ErrorSink,
+def _check_content(raw: io.RawIOBase, fmt: FileFormat, import_type: ImportType, sink: ErrorSink,
                    size: int) -> int:
     head = os.pread(raw.fileno(), SNIFF_BYTES, 0)
     problem = sniff_problem(head, size)
@@ -139,7 +152,7 @@ def _check_content(raw: io.FileIO, fmt: FileFormat, import_type: ImportType, sin
         sink.add(None, "", problem)
         return 0
     if fmt == FileFormat.CSV:
-        return check_csv(raw, import_type, sink)
+        return check_csv(cast(BinaryIO, raw), import_type, sink)
     buffered = io.BufferedReader(raw, buffer_size=1 << 20)
     try:
         return check_jsonl(buffered, import_type, sink)
