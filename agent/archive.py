@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,23 +25,42 @@ class Filer:
         self.config = config
         self.journal = journal
         self.on_failed: Callable[[FileRecord], None] | None = None  # notify hook (agent.lifecycle)
+        # destinations chosen but not yet moved into: with several upload threads (upload.concurrency)
+        # two files of the same name must never get the same free name (the second rename would
+        # replace the first file). Released when the move is done (finish_move).
+        self._names_lock = threading.Lock()
+        self._reserved: dict[Path, str] = {}  # destination -> tag (journal id) of the file it is for
+        self._split_lock = threading.Lock()  # moves out of spool/split-<id>/ and that folder's removal
+
+    def _reserve(self, folder: Path, name: str, tag: str) -> Path:
+        """folder/name, or folder/<stem>-<tag><suffix> when that is taken or reserved (tag: the id)."""
+        with self._names_lock:
+            dest = unique_path(folder, name, tag)
+            if self._reserved.get(dest, tag) != tag:  # another file's; its own again after a failed move
+                stem, dot, suffix = name.partition(".")
+                dest = folder / (f"{stem}-{tag}{dot}{suffix}" if dot else f"{name}-{tag}")
+            self._reserved[dest] = tag
+            return dest
 
     def archive_destination(self, record: FileRecord) -> Path:
         today = datetime.now(UTC)
         folder = self.config.paths.archive / f"{today:%Y}" / f"{today:%m}" / f"{today:%d}"
-        return unique_path(folder, record.name, str(record.id))
+        return self._reserve(folder, record.name, str(record.id))
 
     def archive(self, record: FileRecord) -> FileRecord:
-        dest = self.archive_destination(record)
-        record = self.journal.update(record.id, pending_path=dest, pending_state=FileState.ARCHIVED)
-        record = self.finish_move(record)
+        if record.pending_path and record.pending_state == FileState.ARCHIVED:
+            record = self.resume_move(record)  # an earlier attempt chose (and may have moved into) it
+        else:
+            dest = self.archive_destination(record)
+            record = self.journal.update(record.id, pending_path=dest, pending_state=FileState.ARCHIVED)
+            record = self.finish_move(record)
         logger.bind(file_id=record.id, file=record.name).info(
             "{} archived to {}", record.label, record.local_path)
         return record
 
     def quarantine(self, record: FileRecord, reason: str, errors_csv: str | None = None) -> FileRecord:
         """Move the file, unchanged, to failed/ with <name>.reason.txt (and .errors.csv) beside it."""
-        dest = unique_path(self.config.paths.failed, record.name, str(record.id))
+        dest = self._reserve(self.config.paths.failed, record.name, str(record.id))
         record = self.journal.update(
             record.id, pending_path=dest, pending_state=FileState.FAILED, error=reason
         )
@@ -55,6 +75,8 @@ class Filer:
                 record.id, state=FileState.FAILED, pending_path=None, pending_state=None,
                 next_attempt_at=None, message=reason,
             )
+            with self._names_lock:
+                self._reserved.pop(dest, None)
         logger.bind(file_id=record.id, file=record.name).error(
             "{} failed: {} (see {})", record.label, reason, dest.name + ".reason.txt")
         if self.on_failed is not None:
@@ -65,10 +87,16 @@ class Filer:
         """Do the move the journal holds as an intent, then record it as done."""
         assert record.pending_path and record.pending_state
         source = Path(record.local_path)
-        durable_move(source, Path(record.pending_path))
-        if source.parent.parent == self.config.spool_dir and source.parent.name.startswith("split-"):
-            with contextlib.suppress(OSError):  # the last part of a split file leaves: drop its folder
-                source.parent.rmdir()
+        in_split = source.parent.parent == self.config.spool_dir and source.parent.name.startswith("split-")
+        # parts of one split file may be filed by several upload threads: the folder is removed only
+        # when no other move out of it (and its fsync of the folder) is in progress
+        with self._split_lock if in_split else contextlib.nullcontext():
+            durable_move(source, Path(record.pending_path))
+            if in_split:
+                with contextlib.suppress(OSError):  # the last part of a split file leaves: drop its folder
+                    source.parent.rmdir()
+        with self._names_lock:
+            self._reserved.pop(Path(record.pending_path), None)  # taken now: unique_path sees it
         return self.journal.update(
             record.id, state=FileState(record.pending_state), local_path=record.pending_path,
             pending_path=None, pending_state=None, next_attempt_at=None,

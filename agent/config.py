@@ -63,6 +63,12 @@ class WatchConfig(_Section):
     rescan_seconds: Annotated[float, Field(gt=0)] = 60.0
 
 
+class UploadConfig(_Section):
+    # upload threads, each with its own SSH connection; 4: 3.4x faster than 1 on a 20 ms link, about
+    # the same on loopback (bench/RESULTS.md, round 2)
+    concurrency: Annotated[int, Field(ge=1, le=16)] = 4
+
+
 class DaemonConfig(_Section):
     stop_timeout_seconds: Annotated[float, Field(gt=0)] = 10.0  # SIGTERM: finish or abandon the upload within
 
@@ -147,6 +153,10 @@ class MetricsConfig(_Section):
     prometheus_port: Annotated[int, Field(ge=0, le=65535)] = 0  # 0 = off; serves on 127.0.0.1 only
     textfile: Path | None = None  # node_exporter textfile collector file (*.prom); None = off
     textfile_seconds: Annotated[float, Field(gt=0)] = 15.0  # how often the textfile is rewritten
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.prometheus_port or self.textfile)
 
 
 class LogConfig(_Section):
@@ -246,6 +256,7 @@ class Config(_Section):
     paths: PathsConfig = PathsConfig()
     watch: WatchConfig = WatchConfig()
     retry: RetryConfig = RetryConfig()
+    upload: UploadConfig = UploadConfig()
     daemon: DaemonConfig = DaemonConfig()
     imports: ImportsConfig = ImportsConfig()
     log: LogConfig = LogConfig()

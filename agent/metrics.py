@@ -124,10 +124,6 @@ class Metrics:
         self._writer: threading.Thread | None = None
         self.port: int | None = None
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self.config.prometheus_port or self.config.textfile)
-
     def observe_upload(self, _record: FileRecord, seconds: float) -> None:
         self.duration.observe(seconds)
 

@@ -9,7 +9,7 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from loguru import logger
@@ -21,11 +21,13 @@ from agent.intake import Intake, SettleQueue
 from agent.journal import ACTIVE_STATES, FileState, Journal
 from agent.lifecycle import TRACKED_STATES, Lifecycle
 from agent.logs import setup_logging
-from agent.metrics import Metrics
 from agent.sftp import SftpSession
 from agent.systemd import Notifier
 from agent.upload import Uploader, UploadWorker
 from agent.watch import DropScanner, DropWatcher
+
+if TYPE_CHECKING:
+    from agent.metrics import Metrics
 
 
 class AlreadyRunning(Exception):
@@ -45,10 +47,10 @@ class Agent:
         self.scanner.create_folders()
         self.session = SftpSession(config.sftp)
         self.uploader = Uploader(config, self.journal, self.filer, self.session)
-        self.worker = UploadWorker(self.uploader, self.journal)
+        self.worker = UploadWorker(self.uploader, self.journal, config.upload.concurrency)
         self.lifecycle = Lifecycle(config, self.journal, self.filer, self.uploader)  # after the upload
         self.intake = Intake(config, self.journal, self.filer, self.scanner, self.worker.wake)
-        self.settle = SettleQueue(config.watch.settle_seconds, self.intake.claim)
+        self.settle = SettleQueue(config.watch.settle_seconds, self.intake.claim_many)
         self.watcher: DropWatcher | None = None
         self.scheduler: BackgroundScheduler | None = None
 
@@ -114,6 +116,8 @@ class Agent:
         start_ids = [record.id for record in self.journal.unfinished()]
         first_new_id = self.journal.max_id() + 1
         self.recover()
+        # with work in sight, the SSH handshake overlaps the claim and check of the first files
+        self.worker.preconnect = bool(start_ids) or next(iter(self.scanner.scan()), None) is not None
         self.worker.start()
         self.settle.start()
         self.rescan()
@@ -192,22 +196,26 @@ def run_daemon(config: Config) -> int:
     return 0
 
 
-def _start(config: Config, notifier: Notifier) -> tuple[Agent, Metrics]:
+def _start(config: Config, notifier: Notifier) -> tuple[Agent, Metrics | None]:
     agent = Agent(config)
     agent.uploader.heartbeat = notifier.heartbeat  # WatchdogSec=: pings come from the upload thread
     agent.worker.heartbeat_interval = notifier.watchdog_interval
-    metrics = Metrics(config)
-    if metrics.enabled:
+    metrics = None
+    if config.metrics.enabled:
+        from agent.metrics import Metrics  # prometheus_client is loaded only when asked for (idle RSS)
+
+        metrics = Metrics(config)
         agent.uploader.on_published = metrics.observe_upload
         metrics.start()
     agent.start()
     return agent, metrics
 
 
-def _stop(agent: Agent, metrics: Metrics, config: Config) -> None:
+def _stop(agent: Agent, metrics: Metrics | None, config: Config) -> None:
     logger.info("stopping (an upload in flight gets up to {} s)", config.daemon.stop_timeout_seconds)
     agent.stop()
-    metrics.stop()
+    if metrics is not None:
+        metrics.stop()
 
 
 def _reread(config: Config) -> Config | None:

@@ -55,13 +55,24 @@ class Uploader:
         self.config = config
         self.journal = journal
         self.filer = filer
-        self.session = session
+        self._default_session = session
+        self._local = threading.local()  # upload.concurrency: each worker thread binds its own session
         self.stop_requested = threading.Event()
         self._connection_retry_at = 0.0
         self.heartbeat: Callable[[], None] = _no_heartbeat  # systemd watchdog ping: progress is made
         # what follows a verified upload: archive now, or leave it to the status job (agent.lifecycle)
         self.after_upload: Callable[[FileRecord], FileRecord] = filer.archive
         self.on_published: Callable[[FileRecord, float], None] | None = None  # metrics: upload seconds
+
+    @property
+    def session(self) -> SftpSession:
+        """The SFTP session of the calling upload thread (`bind_session`), else the default one."""
+        bound: SftpSession | None = getattr(self._local, "session", None)
+        return bound if bound is not None else self._default_session
+
+    def bind_session(self, session: SftpSession) -> None:
+        """Use `session` for every file this thread sends (one SSH connection per upload thread)."""
+        self._local.session = session
 
     @property
     def remote_dir(self) -> str:
@@ -221,58 +232,108 @@ def _describe_fault(exc: BaseException) -> str:
 
 
 class UploadWorker:
-    """The thread that drains the queue in journal order, one file at a time."""
+    """The upload threads (`upload.concurrency`, each with its own SFTP session) draining the queue.
 
-    def __init__(self, uploader: Uploader, journal: Journal) -> None:
+    Each thread takes the oldest due file that no other thread holds: `_take` asks the journal with
+    the held ids excluded and adds the answer to them under one lock, so a file is handed to exactly
+    one thread at a time. Thread 1 uses the uploader's session; the others open their own.
+    """
+
+    def __init__(self, uploader: Uploader, journal: Journal, concurrency: int = 1) -> None:
         self.uploader = uploader
         self.journal = journal
-        self._wake = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="upload", daemon=True)
-        self.busy = threading.Event()
+        self.concurrency = max(1, concurrency)
+        self._cond = threading.Condition()  # wake(): a generation count, so no thread misses a wake-up
+        self._generation = 0
+        self._claim_lock = threading.Lock()
+        self._claimed: set[int] = set()  # journal ids a thread is working on
+        self._threads = [threading.Thread(target=self._run, args=(index,), daemon=True,
+                                          name="upload" if index == 0 else f"upload-{index + 1}")
+                         for index in range(self.concurrency)]
+        self.busy = threading.Event()  # set while any thread holds a file
         self.heartbeat_interval: float | None = None  # wake at least this often to ping the watchdog
+        self.preconnect = False  # `run --once`: the first thread connects while intake checks files
 
     def wake(self) -> None:
-        self._wake.set()
+        with self._cond:
+            self._generation += 1
+            self._cond.notify_all()
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def stop(self, timeout: float) -> bool:
-        """Ask the worker to stop; True when it did within the timeout."""
+        """Ask every upload thread to stop; True when all did within the timeout."""
         self.uploader.stop_requested.set()
-        self._wake.set()
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
+        self.wake()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in self._threads)
 
-    def _wait(self, timeout: float | None) -> None:
+    def _wait(self, seen: int, timeout: float | None) -> None:
+        """Sleep until `wake()` (unless one came since `seen` was read) or the timeout."""
         interval = self.heartbeat_interval
         if interval is not None:
             timeout = interval if timeout is None else min(timeout, interval)
-        self._wake.wait(timeout)
+        with self._cond:
+            if self._generation == seen and not self.uploader.stop_requested.is_set():
+                self._cond.wait(timeout)
 
-    def _run(self) -> None:
+    def _take(self) -> tuple[FileRecord | None, float | None]:
+        """The oldest due file no other thread holds, now held by this one; else when one falls due."""
+        with self._claim_lock:
+            record, next_due = self.journal.next_sendable(exclude=self._claimed)
+            if record is not None:
+                self._claimed.add(record.id)
+                self.busy.set()
+        return record, next_due
+
+    def _release(self, file_id: int) -> None:
+        with self._claim_lock:
+            self._claimed.discard(file_id)
+            if not self._claimed:
+                self.busy.clear()
+
+    def _run(self, index: int) -> None:
+        if index > 0:
+            self.uploader.bind_session(SftpSession(self.uploader.config.sftp))
+        try:
+            if index == 0 and self.preconnect:
+                try:
+                    self.uploader.session.client()
+                except Exception as exc:  # noqa: BLE001 - the first file's attempt retries and reports it
+                    logger.debug("connecting ahead of the first file failed: {}", exc)
+            self._loop()
+        finally:
+            self.uploader.session.close()
+
+    def _loop(self) -> None:
         while not self.uploader.stop_requested.is_set():
             self.uploader.heartbeat()
+            with self._cond:
+                seen = self._generation
             hold = self.uploader.wait_for_connection_slot()
             if hold > 0:
-                self._wait(hold)
-                self._wake.clear()
+                self._wait(seen, hold)
                 continue
-            record, next_due = self.journal.next_sendable()
+            record, next_due = self._take()
             if record is None:
-                timeout = None if next_due is None else max(0.0, next_due - time.time())
-                self._wait(timeout)
-                self._wake.clear()
+                self._wait(seen, None if next_due is None else max(0.0, next_due - time.time()))
                 continue
-            self.busy.set()
+            retry = False
             try:
                 with logger.contextualize(file_id=record.id, file=record.name):  # log records name the file
-                    self.uploader.process(record)
+                    retry = self.uploader.process(record).next_attempt_at is not None
             except Exception:  # noqa: BLE001 - e.g. the journal's disk is full: keep the thread alive
                 logger.exception("{} could not be processed; trying again in {:.0f} s", record.label,
                                  LOCAL_FAULT_PAUSE_SECONDS)
-                self._wait(LOCAL_FAULT_PAUSE_SECONDS)
-                self._wake.clear()
-            finally:
-                self.busy.clear()
-        self.uploader.session.close()
+                self._release(record.id)
+                with self._cond:
+                    seen = self._generation  # the pause is not cut short by wake-ups during the attempt
+                self._wait(seen, LOCAL_FAULT_PAUSE_SECONDS)
+                continue
+            self._release(record.id)
+            if retry and self.concurrency > 1:
+                self.wake()  # its new due time: threads that were waiting without it look again

@@ -455,7 +455,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--latency-files", type=int)
     parser.add_argument("--idle-seconds", type=float)
     parser.add_argument("--backlog", type=str, help="comma list of backlog sizes, e.g. 1000,10000")
-    parser.add_argument("--concurrency", type=int, help="set upload.concurrency in the agent's config")
+    parser.add_argument("--concurrency", type=int,
+                        help="set upload.concurrency (upload threads) in the agent's config; default: the"
+                             " agent's own default")
     parser.add_argument("--agent-root", type=Path, default=REPO,
                         help="run the `agent` package found in this folder (e.g. a copy of an older tree)")
     parser.add_argument("--json", type=Path, help="also write the raw results here")

@@ -43,6 +43,8 @@ def test_kill_9_at_random_moments_loses_and_duplicates_nothing(env: AgentEnv,
                                                                sshd_server: SshdServer) -> None:
     seed = int(os.environ.get("KILL_TEST_SEED", random.randrange(1_000_000)))
     rng = random.Random(seed)
+    concurrency = int(os.environ.get("KILL_TEST_CONCURRENCY", "4"))  # upload threads (upload.concurrency)
+    env.write_config(f"[upload]\nconcurrency = {concurrency}\n", settle_seconds=0)
     inputs = {f"users_small{i:02d}.csv": users_csv(rng.randrange(1, 40), f"s{i}") for i in range(30)}
     inputs |= {f"users_large{i:02d}.csv": users_csv(60_000, f"l{i}") for i in range(8)}  # ~2.5 MB each
     for name, data in inputs.items():
@@ -54,7 +56,7 @@ def test_kill_9_at_random_moments_loses_and_duplicates_nothing(env: AgentEnv,
         time.sleep(rng.uniform(0.0, 0.8))
         env.kill()
         kills += 1
-    message = f"seed={seed} (rerun with KILL_TEST_SEED={seed}); kills={kills}"
+    message = f"seed={seed} (rerun with KILL_TEST_SEED={seed}); kills={kills}; concurrency={concurrency}"
     assert kills >= 30, message
     env.start()
     try:

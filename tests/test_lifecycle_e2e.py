@@ -188,11 +188,14 @@ def test_stale_when_the_server_says_nothing(sshd_server: SshdServer, tmp_path: P
 def test_retry_history_and_status_filters(sshd_server: SshdServer, tmp_path: Path,
                                           running: list[AgentEnv]) -> None:
     """A remote failure, retried while the daemon runs, goes again under a new name and completes."""
-    answers: dict[str, int] = {}
+    answered: list[str] = []
 
     def fail_first(name: str) -> Sequence[Step]:
-        answers.setdefault(name, len(answers))
-        if answers[name] == 0:
+        """The first upload of users_again fails (whatever order the upload threads take)."""
+        again = name.startswith("users_again")
+        first_again = again and not any(n.startswith("users_again") for n in answered)
+        answered.append(name)
+        if first_again:
             return [Write("{stem}.errors.csv", errors_csv((1, "bad locale", "BAD_REQUEST", 400)), delay=0.2)]
         return [Write("{name}.status", "SUCCESS\n", delay=0.2)]
 

@@ -1,0 +1,194 @@
+"""upload.concurrency: several upload threads, each file handed to exactly one of them (issue 7).
+
+- next_sendable skips (and does not wait for) the ids other threads hold;
+- UploadWorker with 4 threads: every queued file is processed exactly once, two at the same time;
+- intake's batched claim: one commit for the rows, then the moves; a vanished file leaves no row;
+- end to end: `run --once` with concurrency 3 sends every file once and archives it;
+- the config key is validated.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from agent.archive import Filer
+from agent.config import Config, ConfigError, PathsConfig, SftpConfig, parse_config
+from agent.journal import FileRecord, FileState, Journal
+from agent.sftp import SftpSession
+from agent.upload import Uploader, UploadWorker
+from tests.helpers.agent_env import AgentEnv
+from tests.helpers.sshd import SshdServer
+
+TIMEOUT = 20.0
+
+
+def make_config(tmp_path: Path) -> Config:
+    sftp = SftpConfig(host="127.0.0.1", username="u", private_key=tmp_path / "key",
+                      known_hosts=tmp_path / "known_hosts")
+    paths = PathsConfig(drop=tmp_path / "drop", state_dir=tmp_path / "state",
+                        archive=tmp_path / "archive", failed=tmp_path / "failed")
+    return Config(sftp=sftp, paths=paths)
+
+
+def queued_journal(tmp_path: Path, count: int) -> Journal:
+    journal = Journal(tmp_path / "journal.sqlite3")
+    for index in range(count):
+        record = journal.add_claim(f"users_{index}.csv", tmp_path / f"users_{index}.csv", tmp_path)
+        journal.update(record.id, state=FileState.QUEUED, remote_name=f"r{index}.csv")
+    return journal
+
+
+def test_next_sendable_skips_held_ids_and_does_not_wait_for_them(tmp_path: Path) -> None:
+    journal = queued_journal(tmp_path, 3)
+    try:
+        journal.update(1, next_attempt_at=time.time() - 5)  # due (a retry whose time has come)
+        record, _ = journal.next_sendable(exclude={1})
+        assert record is not None and record.id == 2
+        record, next_due = journal.next_sendable(exclude={1, 2, 3})
+        assert record is None and next_due is None  # a held row's past due time is not a reason to spin
+    finally:
+        journal.close()
+
+
+class CountingUploader(Uploader):
+    """Records which thread processed which file; the first two files meet at a barrier, so the
+    test only passes when two threads work at the same time."""
+
+    def __init__(self, config: Config, journal: Journal) -> None:
+        super().__init__(config, journal, Filer(config, journal), SftpSession(config.sftp))
+        self.seen: list[tuple[int, str]] = []
+        self.sessions: set[int] = set()
+        self.meet = threading.Barrier(2, timeout=TIMEOUT)
+        self._seen_lock = threading.Lock()
+
+    def process(self, record: FileRecord) -> FileRecord:
+        with self._seen_lock:
+            self.seen.append((record.id, threading.current_thread().name))
+            self.sessions.add(id(self.session))
+            first_two = len(self.seen) <= 2
+        if first_two:
+            self.meet.wait()
+        return self.journal.update(record.id, state=FileState.ARCHIVED)
+
+
+@pytest.mark.timeout(60)
+def test_four_workers_process_every_file_exactly_once(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    journal = queued_journal(tmp_path, 60)
+    uploader = CountingUploader(config, journal)
+    worker = UploadWorker(uploader, journal, concurrency=4)
+    worker.start()
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while journal.count_in((FileState.QUEUED,)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        assert worker.stop(TIMEOUT)
+    counts = Counter(file_id for file_id, _thread in uploader.seen)
+    assert sorted(counts) == list(range(1, 61))
+    assert set(counts.values()) == {1}, [i for i, n in counts.items() if n > 1]
+    assert len({thread for _id, thread in uploader.seen}) >= 2
+    assert len(uploader.sessions) >= 2  # each thread has its own SFTP session
+    assert not worker.busy.is_set()
+    journal.close()
+
+
+def test_batched_claim_commits_rows_then_moves_and_forgets_vanished_files(tmp_path: Path) -> None:
+    from agent.intake import Intake
+    from agent.watch import DropScanner
+
+    config = make_config(tmp_path)
+    for folder in (config.paths.drop, config.spool_dir):
+        folder.mkdir(parents=True)
+    journal = Journal(config.journal_path)
+    queued: list[int] = []
+    intake = Intake(config, journal, Filer(config, journal), DropScanner(config.paths.drop, []),
+                    lambda: queued.append(1))
+    files = [config.paths.drop / f"users_{i}.csv" for i in range(3)]
+    for path in files:
+        path.write_text("accountId,id,email\nacct-1,u1,a@example.com\n")
+    missing = config.paths.drop / "users_gone.csv"
+    intake.claim_many([(files[0], None), (missing, None), (files[1], None), (files[2], None)])
+    try:
+        rows = journal.all()
+        assert [row.name for row in rows] == ["users_0.csv", "users_1.csv", "users_2.csv"]
+        assert {row.state for row in rows} == {FileState.QUEUED}
+        assert all(Path(row.local_path).parent == config.spool_dir and Path(row.local_path).exists()
+                   for row in rows)
+        assert not any(path.exists() for path in files)
+        assert len(queued) == 3
+    finally:
+        journal.close()
+
+
+@pytest.mark.timeout(90)
+def test_run_once_with_three_upload_threads_sends_each_file_once(sshd_server: SshdServer,
+                                                                 tmp_path: Path) -> None:
+    env = AgentEnv.for_sshd(tmp_path / "agent", sshd_server, settle_seconds=0,
+                            extra="[upload]\nconcurrency = 3\n")
+    payloads = {f"users_c{i:02d}.csv": f"accountId,id,email\nacct-{i},u{i},u{i}@example.com\n".encode()
+                for i in range(24)}
+    for name, data in payloads.items():
+        env.drop_atomically(name, data)
+    result = env.run_once()
+    assert result.returncode == 0, result.stderr[-3000:]
+    remote = [p.read_bytes() for p in sshd_server.local_remote_dir.iterdir() if p.is_file()]
+    assert sorted(remote) == sorted(payloads.values())  # each once, and no temporary left behind
+    assert sorted(p.read_bytes() for p in env.archived_files()) == sorted(payloads.values())
+    assert 1 <= result.stderr.count("connected to") <= 3
+
+
+@pytest.mark.parametrize("value", [0, 17, "two"])
+def test_concurrency_is_validated(tmp_path: Path, value: object) -> None:
+    data = {"sftp": {"host": "h", "username": "u", "private_key": "k", "known_hosts": "kh"},
+            "upload": {"concurrency": value}}
+    with pytest.raises(ConfigError, match=r"upload\.concurrency"):
+        parse_config(data, tmp_path / "agent.toml")
+
+
+def test_concurrency_default_is_set(tmp_path: Path) -> None:
+    data = {"sftp": {"host": "h", "username": "u", "private_key": "k", "known_hosts": "kh"}}
+    assert parse_config(data, tmp_path / "agent.toml").upload.concurrency >= 1
+
+
+def test_same_name_archived_by_two_threads_gets_two_destinations(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    journal = Journal(tmp_path / "journal.sqlite3")
+    try:
+        filer = Filer(config, journal)
+        first = journal.add_claim("users_same.csv", tmp_path / "a" / "users_same.csv", tmp_path)
+        second = journal.add_claim("users_same.csv", tmp_path / "b" / "users_same.csv", tmp_path)
+        dest_1 = filer.archive_destination(first)  # chosen, not moved yet (another thread's move)
+        dest_2 = filer.archive_destination(second)
+        assert dest_1 != dest_2 and dest_1.name == "users_same.csv"
+        assert filer.archive_destination(first) == dest_1  # the same file again: same name
+        failed_1 = filer._reserve(config.paths.failed, "users_x.csv", "1")
+        assert filer._reserve(config.paths.failed, "users_x.csv", "2") != failed_1
+    finally:
+        journal.close()
+
+
+def test_archive_finishes_an_earlier_attempts_move_instead_of_starting_anew(tmp_path: Path) -> None:
+    """An attempt that renamed the file but failed before recording it (e.g. another thread removed
+    a split folder under its directory fsync) is finished, not retried from a vanished source."""
+    config = make_config(tmp_path)
+    config.spool_dir.mkdir(parents=True)
+    journal = Journal(tmp_path / "journal.sqlite3")
+    try:
+        filer = Filer(config, journal)
+        record = journal.add_claim("users_moved.csv", tmp_path / "users_moved.csv", config.spool_dir)
+        Path(record.local_path).write_text("accountId,id\nacct-1,u1\n")
+        dest = filer.archive_destination(record)
+        record = journal.update(record.id, state=FileState.UPLOADED, pending_path=dest,
+                                pending_state=FileState.ARCHIVED)
+        dest.parent.mkdir(parents=True)
+        Path(record.local_path).rename(dest)  # the rename happened; recording it did not
+        done = filer.archive(journal.get(record.id))
+        assert done.state == FileState.ARCHIVED and Path(done.local_path) == dest and dest.exists()
+    finally:
+        journal.close()
