@@ -273,43 +273,40 @@ class Journal:
             rows = reader.execute(sql, params).fetchall()
         return [FileRecord.from_row(row) for row in rows]
 
+    def _insert(self, name: str, source_path: Path, local_path: Path | None, now: str,
+                message: str) -> int:
+        """A new `claimed` row (inside a transaction); without local_path it goes to spool/<id>."""
+        cursor = self._db.execute(
+            "INSERT INTO files (name, source_path, local_path, state, created_at, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (name, str(source_path), str(local_path or ""), FileState.CLAIMED.value, now, now),
+        )
+        file_id = int(cursor.lastrowid or 0)
+        self._log_event(file_id, now, FileState.CLAIMED.value, message)
+        return file_id
+
+    def _log_event(self, file_id: int, now: str, state: str, message: str | None) -> None:
+        self._db.execute("INSERT INTO events (file_id, at, state, message) VALUES (?, ?, ?, ?)",
+                         (file_id, now, state, message))
+
     def add_claim(self, name: str, source_path: Path, spool_dir: Path) -> FileRecord:
         """Write the row before the file moves, so a crash mid-claim is always found again."""
-        now = utc_now_iso()
-        with self._transaction():
-            cursor = self._db.execute(
-                "INSERT INTO files (name, source_path, local_path, state, created_at, updated_at)"
-                " VALUES (?, ?, '', ?, ?, ?)",
-                (name, str(source_path), FileState.CLAIMED.value, now, now),
-            )
-            file_id = int(cursor.lastrowid or 0)
-            local = spool_dir / f"{file_id:08d}"
-            self._db.execute("UPDATE files SET local_path = ? WHERE id = ?", (str(local), file_id))
-            self._db.execute(
-                "INSERT INTO events (file_id, at, state, message) VALUES (?, ?, ?, ?)",
-                (file_id, now, FileState.CLAIMED.value, f"claimed from {source_path}"),
-            )
-        return self.get(file_id)
+        [record] = self.add_claims([source_path], spool_dir, names=[name])
+        return record
 
-    def add_claims(self, sources: list[Path], spool_dir: Path) -> list[FileRecord]:
-        """`add_claim` for several files in one commit (intake claims a burst as one batch)."""
+    def add_claims(self, sources: list[Path], spool_dir: Path,
+                   names: list[str] | None = None) -> list[FileRecord]:
+        """`add_claim` for several files in one commit (intake claims a burst as one batch); each
+        row's spool path is spool/<id>."""
         now = utc_now_iso()
         ids = []
         with self._transaction():
-            for source_path in sources:
-                cursor = self._db.execute(
-                    "INSERT INTO files (name, source_path, local_path, state, created_at, updated_at)"
-                    " VALUES (?, ?, '', ?, ?, ?)",
-                    (source_path.name, str(source_path), FileState.CLAIMED.value, now, now),
-                )
-                file_id = int(cursor.lastrowid or 0)
-                ids.append(file_id)
+            for index, source_path in enumerate(sources):
+                name = names[index] if names else source_path.name
+                file_id = self._insert(name, source_path, None, now, f"claimed from {source_path}")
                 self._db.execute("UPDATE files SET local_path = ? WHERE id = ?",
                                  (str(spool_dir / f"{file_id:08d}"), file_id))
-                self._db.execute(
-                    "INSERT INTO events (file_id, at, state, message) VALUES (?, ?, ?, ?)",
-                    (file_id, now, FileState.CLAIMED.value, f"claimed from {source_path}"),
-                )
+                ids.append(file_id)
         if not ids:
             return []
         return self._select("WHERE id BETWEEN ? AND ?", (ids[0], ids[-1]), "ORDER BY id")
@@ -317,29 +314,15 @@ class Journal:
     def add_parts(self, parent: FileRecord, parts: list[Path], parent_dest: Path,
                   parent_state: FileState) -> list[FileRecord]:
         """Record every part (state `claimed`, where it lies) and the parent's move, in one commit."""
-        parent_id = parent.id
         now = utc_now_iso()
-        ids = []
         with self._transaction():
-            for part in parts:
-                cursor = self._db.execute(
-                    "INSERT INTO files (name, source_path, local_path, state, created_at, updated_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    (part.name, str(part), str(part), FileState.CLAIMED.value, now, now),
-                )
-                ids.append(int(cursor.lastrowid or 0))
-                self._db.execute(
-                    "INSERT INTO events (file_id, at, state, message) VALUES (?, ?, ?, ?)",
-                    (ids[-1], now, FileState.CLAIMED.value, f"part of #{parent_id}"),
-                )
+            ids = [self._insert(part.name, part, part, now, f"part of #{parent.id}") for part in parts]
             self._db.execute(
                 "UPDATE files SET pending_path = ?, pending_state = ?, updated_at = ? WHERE id = ?",
-                (str(parent_dest), parent_state.value, now, parent_id),
+                (str(parent_dest), parent_state.value, now, parent.id),
             )
-            self._db.execute(
-                "INSERT INTO events (file_id, at, state, message) VALUES (?, ?, ?, ?)",
-                (parent_id, now, FileState.CLAIMED.value, f"split into parts #{ids[0]}..#{ids[-1]}"),
-            )
+            self._log_event(parent.id, now, FileState.CLAIMED.value,
+                            f"split into parts #{ids[0]}..#{ids[-1]}")
         return [self.get(file_id) for file_id in ids]
 
     def update(self, file_id: int, message: str | None = None, **fields: Any) -> FileRecord:
@@ -360,10 +343,7 @@ class Journal:
                 state = values.get("state")
                 if state is None:
                     state = self._db.execute("SELECT state FROM files WHERE id = ?", (file_id,)).fetchone()[0]
-                self._db.execute(
-                    "INSERT INTO events (file_id, at, state, message) VALUES (?, ?, ?, ?)",
-                    (file_id, now, state, message),
-                )
+                self._log_event(file_id, now, state, message)
         return self.get(file_id)
 
     def delete(self, file_id: int) -> None:
