@@ -13,8 +13,8 @@ import csv
 import io
 import os
 import tempfile
-from collections.abc import Generator
-from contextlib import closing
+from collections.abc import Generator, Iterator
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -148,16 +148,9 @@ def split_file(
     when one part suffices; never changes `path`. Parts are named after `name` (default: the
     path's own name). Raises SplitError when a record cannot fit and FileExistsError when a part
     name is already taken; on any error no part is left behind."""
-    if max_bytes <= 0 or max_records <= 0:
-        raise ValueError("max_bytes and max_records must be positive")
     source = Path(path)
     folder = Path(out_dir)
-    with open(source, "rb") as stream, closing(
-            csv_records(stream) if fmt == FileFormat.CSV else jsonl_records(stream)) as records:
-        header = next(records, b"") if fmt == FileFormat.CSV else b""
-        if header and not header.endswith((b"\n", b"\r")):
-            raise SplitError("the file has a header row but no records")
-        writer = _PartWriter(folder, header, max_bytes, max_records)
+    with _packing(source, fmt, max_bytes, max_records, folder) as (writer, records):
         try:
             for number, record in enumerate(records, start=1):
                 writer.add(record, number)
@@ -181,14 +174,7 @@ def split_file(
 
 def count_parts(path: str | os.PathLike[str], fmt: FileFormat, max_bytes: int, max_records: int) -> int:
     """How many parts `split_file` would cut `path` into, without writing any; SplitError as there."""
-    if max_bytes <= 0 or max_records <= 0:
-        raise ValueError("max_bytes and max_records must be positive")
-    with open(path, "rb") as stream, closing(
-            csv_records(stream) if fmt == FileFormat.CSV else jsonl_records(stream)) as records:
-        header = next(records, b"") if fmt == FileFormat.CSV else b""
-        if header and not header.endswith((b"\n", b"\r")):
-            raise SplitError("the file has a header row but no records")
-        counter = _PartWriter(None, header, max_bytes, max_records)
+    with _packing(Path(path), fmt, max_bytes, max_records, None) as (counter, records):
         try:
             for number, record in enumerate(records, start=1):
                 counter.add(record, number)
@@ -197,4 +183,18 @@ def count_parts(path: str | os.PathLike[str], fmt: FileFormat, max_bytes: int, m
     if not counter.parts:
         raise SplitError("the file has no records to split")
     return counter.parts
+
+
+@contextmanager
+def _packing(source: Path, fmt: FileFormat, max_bytes: int, max_records: int,
+             folder: Path | None) -> Iterator[tuple[_PartWriter, Iterator[bytes]]]:
+    """The part writer (a counter when folder is None) and the records after the header."""
+    if max_bytes <= 0 or max_records <= 0:
+        raise ValueError("max_bytes and max_records must be positive")
+    with open(source, "rb") as stream, closing(
+            csv_records(stream) if fmt == FileFormat.CSV else jsonl_records(stream)) as records:
+        header = next(records, b"") if fmt == FileFormat.CSV else b""
+        if header and not header.endswith((b"\n", b"\r")):
+            raise SplitError("the file has a header row but no records")
+        yield _PartWriter(folder, header, max_bytes, max_records), records
 
