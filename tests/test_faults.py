@@ -152,10 +152,10 @@ def test_stalled_server_never_hangs_the_agent(proxied_env: AgentEnv, sshd_proxy:
 @pytest.mark.timeout(120)
 def test_sigterm_during_large_upload_then_restart_completes_once(proxied_env: AgentEnv, sshd_proxy: TcpProxy,
                                                                  sshd_server: SshdServer) -> None:
-    big = users_csv(300_000, "term")  # ~12 MB
-    sshd_proxy.delay_ms = 3
-    proxied_env.config_path.write_text(proxied_env.config_path.read_text()
-                                       + "\n[daemon]\nstop_timeout_seconds = 3\n")
+    big = users_csv(300_000, "term")  # ~12 MB, sent at 2 MB/s: SIGTERM surely lands mid-upload
+    slow = proxied_env.config_path.read_text().replace("connect_timeout = 5.0",
+                                                       "connect_timeout = 5.0\nbandwidth_limit = 2000000")
+    proxied_env.config_path.write_text(slow + "\n[daemon]\nstop_timeout_seconds = 3\n")
     proxied_env.drop_atomically("users_term.csv", big)
     proxied_env.start()
     assert sshd_proxy.wait_until(lambda p: p.bytes_to_target > 1_000_000, 30)
@@ -163,7 +163,8 @@ def test_sigterm_during_large_upload_then_restart_completes_once(proxied_env: Ag
     assert proxied_env.stop(signal.SIGTERM) == 0
     assert time.monotonic() - started < 3 + 5
     assert remote_contents(sshd_server.local_remote_dir) == []  # nothing half-published
-    sshd_proxy.delay_ms = 0
+    proxied_env.config_path.write_text(proxied_env.config_path.read_text().replace(
+        "bandwidth_limit = 2000000", "bandwidth_limit = 0"))
     proxied_env.start()
     try:
         assert wait_until(lambda: len(proxied_env.archived_files()) == 1, 60), proxied_env.log()
