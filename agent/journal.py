@@ -413,6 +413,15 @@ class Journal:
         )
         return rows[0] if rows else None
 
+    def restart_attempts(self, states: tuple[FileState, ...]) -> None:
+        """Make files in these states due now with a fresh attempt count (earlier tries stay in events)."""
+        marks = ", ".join("?" * len(states))
+        with self._transaction():
+            self._db.execute(
+                f"UPDATE files SET attempts = 0, next_attempt_at = NULL WHERE state IN ({marks})",
+                tuple(state.value for state in states),
+            )
+
     def count_below_attempts(self, states: tuple[FileState, ...], attempts: int) -> int:
         """Rows in these states that have had fewer than `attempts` attempts (one index query)."""
         with self._reading() as reader:

@@ -116,6 +116,8 @@ class Agent:
         start_ids = [record.id for record in self.journal.unfinished()]
         first_new_id = self.journal.max_id() + 1
         self.recover()
+        # each --once run has its own retry.once_max_attempts budget, starting now
+        self.journal.restart_attempts(self.journal.sendable_states)
         # with work in sight, the SSH handshake overlaps the claim and check of the first files
         self.worker.preconnect = bool(start_ids) or next(iter(self.scanner.scan()), None) is not None
         self.worker.start()

