@@ -5,7 +5,9 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 
 def fsync_dir(path: Path) -> None:
@@ -32,17 +34,29 @@ def durable_move(src: Path, dst: Path) -> None:
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
-        staging = dst.with_name(f".{dst.name}.moving")
-        with open(src, "rb") as reader, open(staging, "wb") as writer:
-            shutil.copyfileobj(reader, writer, 1024 * 1024)
-            writer.flush()
-            os.fsync(writer.fileno())
-        os.rename(staging, dst)
-        fsync_dir(dst.parent)
-        os.unlink(src)
+        rewrite_durably(src, dst, copy_bytes)
+        return
     fsync_dir(dst.parent)
     if src.parent != dst.parent:
         fsync_dir(src.parent)
+
+
+def copy_bytes(reader: BinaryIO, writer: BinaryIO) -> None:
+    shutil.copyfileobj(reader, writer, 1024 * 1024)
+
+
+def rewrite_durably(src: Path, dst: Path, transform: Callable[[BinaryIO, BinaryIO], None]) -> None:
+    """Replace src by dst = transform(src): write a hidden staging file, fsync it, rename it to dst,
+    fsync, then unlink src and fsync. A crash at any point leaves src, or both, never neither."""
+    staging = dst.with_name(f".{dst.name}.tmp")
+    with open(src, "rb") as reader, open(staging, "wb") as writer:
+        transform(reader, writer)
+        writer.flush()
+        os.fsync(writer.fileno())
+    os.rename(staging, dst)
+    fsync_dir(dst.parent)
+    os.unlink(src)
+    fsync_dir(src.parent)
 
 
 def write_durably(path: Path, text: str) -> None:

@@ -18,10 +18,10 @@ import contextlib
 import gzip
 import os
 import posixpath
-import shutil
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import BinaryIO
 
 import paramiko
 from apscheduler.schedulers.base import BaseScheduler
@@ -29,7 +29,7 @@ from loguru import logger
 
 from agent.archive import Filer
 from agent.config import Config, RemoteResults, StatusMode
-from agent.fsutil import fsync_dir, unique_path, write_durably
+from agent.fsutil import copy_bytes, fsync_dir, rewrite_durably, unique_path, write_durably
 from agent.journal import SENDING_STATES, FileRecord, FileState, Journal
 from agent.notify import Notifier
 from agent.remote_status import (
@@ -314,17 +314,13 @@ class Lifecycle:
                     return self.journal.update(record.id, local_path=packed,
                                                message="compression finished after a restart")
                 return record
-            staging = packed.with_name(f".{packed.name}.tmp")
-            with open(src, "rb") as reader, open(staging, "wb") as raw_out:
-                with gzip.GzipFile(filename=src.name, mode="wb", fileobj=raw_out,
-                                   mtime=int(os.stat(src).st_mtime)) as writer:
-                    shutil.copyfileobj(reader, writer, 1024 * 1024)
-                raw_out.flush()
-                os.fsync(raw_out.fileno())
-            os.rename(staging, packed)
-            fsync_dir(packed.parent)
-            os.unlink(src)
-            fsync_dir(packed.parent)
+            mtime = int(os.stat(src).st_mtime)
+
+            def gzip_into(reader: BinaryIO, raw_out: BinaryIO) -> None:
+                with gzip.GzipFile(filename=src.name, mode="wb", fileobj=raw_out, mtime=mtime) as writer:
+                    copy_bytes(reader, writer)  # type: ignore[arg-type]
+
+            rewrite_durably(src, packed, gzip_into)
             return self.journal.update(record.id, local_path=packed, message=f"compressed to {packed.name}")
 
     def prune(self, now: datetime | None = None) -> int:
