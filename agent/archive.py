@@ -7,6 +7,7 @@ then recorded as done. Recovery finishes whichever half a crash interrupted (`re
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import threading
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from pathlib import Path
 from loguru import logger
 
 from agent.config import Config
-from agent.fsutil import durable_move, unique_path, write_durably
+from agent.fsutil import durable_move, ensure_dir, fsync_dir, unique_path, write_durably
 from agent.journal import FileRecord, FileState, Journal
 
 
@@ -101,6 +102,43 @@ class Filer:
             record.id, state=FileState(record.pending_state), local_path=record.pending_path,
             pending_path=None, pending_state=None, next_attempt_at=None,
         )
+
+    def finish_moves(self, records: list[FileRecord]) -> list[FileRecord]:
+        """`finish_move` for a batch (the upload pipeline's archive step): every rename, then one
+        fsync per folder involved, then one commit. Each file's ordering is `finish_move`'s: its
+        move is durable before the journal says it is done."""
+        single = [record for record in records if not self._plain_spool_file(record)]
+        batch = [record for record in records if self._plain_spool_file(record)]
+        done = {record.id: self.finish_move(record) for record in single}
+        folders: set[Path] = set()
+        for folder in {Path(str(record.pending_path)).parent for record in batch}:
+            ensure_dir(folder)
+        for record in batch:
+            source, dest = Path(record.local_path), Path(str(record.pending_path))
+            try:
+                os.rename(source, dest)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                durable_move(source, dest)  # archive/ on another filesystem: copy, fsync, unlink
+            folders.update((source.parent, dest.parent))
+        for folder in folders:
+            fsync_dir(folder)
+        moved = self.journal.update_many([
+            (record.id, None, {"state": FileState(str(record.pending_state)),
+                               "local_path": record.pending_path, "pending_path": None,
+                               "pending_state": None, "next_attempt_at": None})
+            for record in batch
+        ])
+        with self._names_lock:
+            for record in batch:
+                self._reserved.pop(Path(str(record.pending_path)), None)
+        done.update((record.id, record) for record in moved)
+        return [done[record.id] for record in records]
+
+    def _plain_spool_file(self, record: FileRecord) -> bool:
+        """A file straight in spool/ (not a part in spool/split-<id>/, whose folder needs care)."""
+        return Path(record.local_path).parent == self.config.spool_dir
 
     def resume_move(self, record: FileRecord) -> FileRecord:
         """Finish a move a crash interrupted: redo the rename, or record the one already done."""

@@ -67,6 +67,9 @@ class UploadConfig(_Section):
     # upload threads, each with its own SSH connection; 4: 3.4x faster than 1 on a 20 ms link, about
     # the same on loopback (bench/RESULTS.md, round 2)
     concurrency: Annotated[int, Field(ge=1, le=16)] = 4
+    # small files (<= 256 KiB) one thread sends together, each step pipelined and committed once for
+    # all of them (agent/sftp_batch.py); 1 sends every file on its own
+    batch_files: Annotated[int, Field(ge=1, le=256)] = 64
 
 
 class DaemonConfig(_Section):

@@ -33,6 +33,8 @@ from agent.watch import Candidate, DropScanner, entry_problem
 
 HASH_CHUNK = 1024 * 1024
 CLAIM_BATCH = 64  # settled files claimed with one journal commit and one fsync per folder
+QUEUE_FLUSH_BYTES = 8 * 1024 * 1024  # checked files are queued at least every this many bytes
+QUEUE_FLUSH_SECONDS = 0.05  # and at least this often
 
 
 def subfolder_of(source_path: Path, drop: Path) -> str | None:
@@ -95,17 +97,49 @@ class Intake:
         fsync_dir(spool)
         for folder in {Path(record.source_path).parent for record in moved}:
             fsync_dir(folder)
+        ready: list[_Ready] = []  # checked files, queued with one commit
+        since = time.monotonic()
         for record in moved:
             with logger.contextualize(file_id=record.id, file=record.name):
                 logger.debug("{} claimed", record.label)  # the "queued" or "failed" line follows
-                self.check(record)
+                self._check(record, ready)
+            # a big file or a slow check does not hold back the files checked before it
+            if (sum(item.record.size or 0 for item in ready) >= QUEUE_FLUSH_BYTES
+                    or time.monotonic() - since >= QUEUE_FLUSH_SECONDS):
+                self._queue(ready)
+                since = time.monotonic()
+        self._queue(ready)
 
     def check(self, record: FileRecord) -> FileRecord:
         """Hash the claimed file, apply the import rules, fix the remote name, queue it."""
         with logger.contextualize(file_id=record.id, file=record.name):  # log records name the file
-            return self._check(record)
+            ready: list[_Ready] = []
+            record = self._check(record, ready)
+        return self._queue(ready)[0] if ready else record
 
-    def _check(self, record: FileRecord) -> FileRecord:
+    def _queue(self, ready: list[_Ready]) -> list[FileRecord]:
+        """Queue checked files: their findings and remote names in one commit; nothing is sent
+        before it. Empties `ready`."""
+        if not ready:
+            return []
+        queued = self.journal.update_many([
+            (item.record.id, f"queued as {item.remote_name}",
+             {**item.checked, "state": FileState.QUEUED, "remote_name": item.remote_name})
+            for item in ready
+        ])
+        for record, item in zip(queued, ready, strict=True):
+            log = logger.bind(file_id=record.id, file=record.name)
+            if item.deletes:
+                log.warning("{} is a user-deletion file: sending it will permanently delete {} user(s)",
+                            record.label, item.deletes)
+            log.info("{} queued as {} ({})", record.label, record.remote_name, record.import_type)
+        ready.clear()
+        self.on_queued()
+        return queued
+
+    def _check(self, record: FileRecord, ready: list[_Ready]) -> FileRecord:
+        """Check one claimed file: refused, split or duplicate are filed at once; a file to send is
+        added to `ready` for `_queue`."""
         spool_path = Path(record.local_path)
         try:
             size, _ = _hash_regular_file(spool_path, read=False)
@@ -132,16 +166,9 @@ class Intake:
             record = self.journal.update(record.id, **checked)
             return self.filer.quarantine(record, duplicate_reason(record, earlier,
                                                                   self.config.imports.duplicate_window_days))
-        # The check's findings and the queueing go in one commit: nothing is sent before it.
-        record = self.journal.update(
-            record.id, **checked, state=FileState.QUEUED, remote_name=verdict.remote_name,
-            message=f"queued as {verdict.remote_name}",
-        )
-        if verdict.deletes:
-            logger.warning("{} is a user-deletion file: sending it will permanently delete {} user(s)",
-                           record.label, verdict.deletes)
-        logger.info("{} queued as {} ({})", record.label, record.remote_name, record.import_type)
-        self.on_queued()
+        # The check's findings and the queueing go in one commit (`_queue`): nothing is sent before it.
+        ready.append(_Ready(dataclasses.replace(record, **checked), checked, str(verdict.remote_name),
+                            verdict.deletes))
         return record
 
     def _unreadable(self, record: FileRecord, exc: Exception) -> FileRecord:
@@ -213,6 +240,16 @@ def duplicate_reason(record: FileRecord, earlier: FileRecord, window_days: float
 
 class _NotRegular(Exception):
     pass
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ready:
+    """A checked file waiting for the commit that queues it."""
+
+    record: FileRecord
+    checked: dict[str, Any]  # size, sha256, import_type
+    remote_name: str
+    deletes: int  # users a deletion file removes (logged as a warning)
 
 
 def _hash_regular_file(path: Path, read: bool = True) -> tuple[int, str]:

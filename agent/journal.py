@@ -327,24 +327,42 @@ class Journal:
 
     def update(self, file_id: int, message: str | None = None, **fields: Any) -> FileRecord:
         """Change fields of one row in one transaction; a state change is also logged as an event."""
+        [record] = self.update_many([(file_id, message, fields)])
+        return record
+
+    def update_many(self, changes: list[tuple[int, str | None, dict[str, Any]]]) -> list[FileRecord]:
+        """`update` for several rows (file id, event message, fields) in one commit: a batch of files
+        moving to the same step costs one fsync, not one each. Returns the rows in the given order."""
+        if not changes:
+            return []
+        now = utc_now_iso()
+        with self._transaction():
+            for file_id, message, fields in changes:
+                self._apply(file_id, now, message, fields)
+        ids = [file_id for file_id, _message, _fields in changes]
+        marks = ", ".join("?" * len(ids))
+        by_id = {record.id: record for record in self._select(f"WHERE id IN ({marks})", tuple(ids))}
+        missing = [file_id for file_id in ids if file_id not in by_id]
+        if missing:
+            raise KeyError(missing[0])
+        return [by_id[file_id] for file_id in ids]
+
+    def _apply(self, file_id: int, now: str, message: str | None, fields: dict[str, Any]) -> None:
         unknown = set(fields) - _UPDATABLE
         if unknown:
             raise ValueError(f"not journal columns: {sorted(unknown)}")
-        now = utc_now_iso()
         values = {key: (val.value if isinstance(val, StrEnum) else val) for key, val in fields.items()}
         values = {key: (str(val) if isinstance(val, Path) else val) for key, val in values.items()}
         assignments = "".join(f"{key} = ?, " for key in values)  # none: a message-only event
-        with self._transaction():
-            self._db.execute(
-                f"UPDATE files SET {assignments}updated_at = ? WHERE id = ?",
-                (*values.values(), now, file_id),
-            )
-            if "state" in values or message:
-                state = values.get("state")
-                if state is None:
-                    state = self._db.execute("SELECT state FROM files WHERE id = ?", (file_id,)).fetchone()[0]
-                self._log_event(file_id, now, state, message)
-        return self.get(file_id)
+        self._db.execute(
+            f"UPDATE files SET {assignments}updated_at = ? WHERE id = ?",
+            (*values.values(), now, file_id),
+        )
+        if "state" in values or message:
+            state = values.get("state")
+            if state is None:
+                state = self._db.execute("SELECT state FROM files WHERE id = ?", (file_id,)).fetchone()[0]
+            self._log_event(file_id, now, state, message)
 
     def delete(self, file_id: int) -> None:
         with self._transaction():
@@ -400,6 +418,19 @@ class Journal:
                 f"SELECT MIN(next_attempt_at) FROM files WHERE state IN ({marks}){not_held}", (*states, *skip)
             ).fetchone()
         return None, (row[0] if row and row[0] is not None else None)
+
+    def queued_after(self, first: FileRecord, limit: int, max_size: int, now: float | None = None,
+                     exclude: Collection[int] = ()) -> list[FileRecord]:
+        """Up to `limit` due `queued` rows of at most `max_size` bytes from `first` on, in id order:
+        the files an upload thread sends together with `first` (one indexed range query)."""
+        now = time.time() if now is None else now
+        skip = tuple(exclude)
+        not_held = f" AND id NOT IN ({', '.join('?' * len(skip))})" if skip else ""
+        return self._select(
+            "WHERE state = ? AND id >= ? AND size <= ?"
+            f" AND (next_attempt_at IS NULL OR next_attempt_at <= ?){not_held}",
+            (FileState.QUEUED.value, first.id, max_size, now, *skip), f"ORDER BY id LIMIT {int(limit)}",
+        )
 
     def find_duplicate(self, sha256: str, import_type: str, since_iso: str,
                        exclude_id: int) -> FileRecord | None:

@@ -21,10 +21,9 @@ import posixpath
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import paramiko
-from apscheduler.schedulers.base import BaseScheduler
 from loguru import logger
 
 from agent.archive import Filer
@@ -44,6 +43,9 @@ from agent.remote_status import (
 )
 from agent.sftp import ConnectError, PrivateKeyError, SftpSession
 from agent.upload import Uploader
+
+if TYPE_CHECKING:
+    from apscheduler.schedulers.base import BaseScheduler  # only `run` as a daemon needs it
 
 TRACKED_STATES = (FileState.UPLOADED, FileState.ACCEPTED, FileState.PROCESSING, FileState.COMPLETED)
 _RANK = {state: rank for rank, state in enumerate(TRACKED_STATES)}
@@ -92,6 +94,8 @@ class Lifecycle:
         self._stopping = threading.Event()
         if uploader is not None:
             uploader.after_upload = self.after_upload
+            uploader.archive_on_publish = not config.status.tracking  # the batch path files at once
+            uploader.after_archive = self.compress
 
     # ------------------------------------------------------------------ the upload path's hook
 

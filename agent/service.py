@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import itertools
 import os
 import signal
 import threading
@@ -11,7 +12,6 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, TYPE_CHECKING
 
-from apscheduler.schedulers.background import BackgroundScheduler
 from loguru import logger
 
 from agent.archive import Filer
@@ -27,7 +27,12 @@ from agent.upload import Uploader, UploadWorker
 from agent.watch import DropScanner, DropWatcher
 
 if TYPE_CHECKING:
+    from apscheduler.schedulers.background import BackgroundScheduler
+
     from agent.metrics import Metrics
+
+
+ONCE_POLL_SECONDS = 0.02  # `run --once` looks this often whether everything is done (one COUNT query)
 
 
 class AlreadyRunning(Exception):
@@ -86,6 +91,8 @@ class Agent:
         self.settle.start()
         self.watcher = DropWatcher(self.scanner, self.settle.notice)
         self.watcher.start()
+        from apscheduler.schedulers.background import BackgroundScheduler  # daemon only: not for --once
+
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self.scheduler.add_job(self.rescan, "interval", seconds=self.config.watch.rescan_seconds,
                                id="rescan", coalesce=True, max_instances=1)
@@ -118,8 +125,12 @@ class Agent:
         self.recover()
         # each --once run has its own retry.once_max_attempts budget, starting now
         self.journal.restart_attempts(self.journal.sendable_states)
-        # with work in sight, the SSH handshake overlaps the claim and check of the first files
-        self.worker.preconnect = bool(start_ids) or next(iter(self.scanner.scan()), None) is not None
+        # with work in sight, the SSH handshakes overlap the claim and check of the first files: one
+        # connection per batch of files in sight, up to upload.concurrency
+        worker = self.worker
+        in_sight = len(start_ids) + sum(1 for _ in itertools.islice(
+            self.scanner.scan(), worker.concurrency * worker.batch_files))
+        worker.preconnect = min(worker.concurrency, -(-in_sight // worker.batch_files))
         self.worker.start()
         self.settle.start()
         self.rescan()
@@ -129,7 +140,7 @@ class Agent:
             if (self.settle.idle() and not self.worker.busy.is_set()
                     and not self.journal.count_below_attempts(self.journal.sendable_states, limit)):
                 break
-            time.sleep(0.05)
+            time.sleep(ONCE_POLL_SECONDS)
         outcome = [self.journal.get(i) for i in start_ids]
         outcome += self.journal.query("WHERE id >= ?", (first_new_id,))
         self.stop()

@@ -19,8 +19,10 @@ from typing import Any
 
 import paramiko
 from loguru import logger
+from paramiko.sftp import CMD_EXTENDED, CMD_EXTENDED_REPLY
 
 from agent.config import SftpConfig
+from agent.sftp_batch import PipelinedSFTPClient
 from agent.systemd import CREDENTIAL_KEY_NAME, credential_path
 
 SFTP_WRITE_CHUNK = 32768  # the largest write paramiko sends in one request
@@ -31,6 +33,10 @@ PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128
 PREFERRED_MACS = ("hmac-sha2-256-etm@openssh.com", "hmac-sha2-512-etm@openssh.com", "hmac-sha2-256",
                   "hmac-sha2-512", "hmac-sha1")
 TRANSPORT_WINDOW = 16 * 1024 * 1024  # SSH channel window we grant the server (paramiko's default: 2 MiB)
+# Largest SFTP WRITE we send when the server states its limit (limits@openssh.com); servers that do
+# not state one get SFTP_WRITE_CHUNK, the size every server takes. bench/RESULTS.md has the numbers.
+MAX_WRITE_REQUEST = 128 * 1024
+LIMITS_EXTENSION = "limits@openssh.com"
 
 
 def make_transport(sock: socket.socket | paramiko.ProxyCommand, **kwargs: Any) -> paramiko.Transport:
@@ -128,6 +134,7 @@ class SftpSession:
         self._ssh: paramiko.SSHClient | None = None
         self._sftp: paramiko.SFTPClient | None = None
         self._lock = threading.Lock()
+        self._write_size: tuple[paramiko.SFTPClient, int] | None = None  # per connection
 
     def client(self) -> paramiko.SFTPClient:
         with self._lock:
@@ -136,6 +143,12 @@ class SftpSession:
             self._close_locked()
             self._sftp = self._connect()
             return self._sftp
+
+    @property
+    def connected(self) -> bool:
+        """A connection is open and alive (client() will not have to connect)."""
+        with self._lock:
+            return self._sftp is not None and self._alive()
 
     def _alive(self) -> bool:
         transport = self._ssh.get_transport() if self._ssh else None
@@ -197,7 +210,10 @@ class SftpSession:
         if cfg.keepalive_seconds:
             transport.set_keepalive(cfg.keepalive_seconds)
         try:
-            sftp = ssh.open_sftp()
+            # paramiko's client, able to send a batch's requests together (agent.sftp_batch)
+            sftp = PipelinedSFTPClient.from_transport(transport)
+            if sftp is None:
+                raise paramiko.SSHException("the SFTP channel could not be opened")
         except (paramiko.SSHException, OSError, EOFError) as exc:
             ssh.close()
             raise ConnectError(f"the server did not open an SFTP session: {exc}") from None
@@ -224,6 +240,45 @@ class SftpSession:
     def drop(self) -> None:
         """Forget the connection after an error, so the next `client()` opens a fresh one."""
         self.close()
+
+    def write_request_size(self, sftp: paramiko.SFTPClient) -> int:
+        """Bytes per SFTP WRITE on `sftp`, this session's connection: asked once per connection."""
+        cached = self._write_size
+        if cached is not None and cached[0] is sftp:
+            return cached[1]
+        size = write_request_size(sftp)
+        self._write_size = (sftp, size)
+        return size
+
+
+def server_write_limit(sftp: paramiko.SFTPClient) -> int | None:
+    """The server's max-write-length from limits@openssh.com; None when it does not state one.
+
+    A server without the extension answers SSH_FX_OP_UNSUPPORTED (the SFTP draft requires a status
+    for unknown extended requests), which paramiko raises as an OSError. A timeout is not a refusal:
+    it is raised, like any other fault of the connection.
+    """
+    try:
+        kind, reply = sftp._request(CMD_EXTENDED, LIMITS_EXTENSION)
+    except TimeoutError:
+        raise
+    except (OSError, EOFError, paramiko.SFTPError) as exc:
+        logger.debug("the server does not state its SFTP limits ({})", exc)
+        return None
+    if kind != CMD_EXTENDED_REPLY:
+        return None
+    reply.get_int64()  # max-packet-length
+    reply.get_int64()  # max-read-length
+    limit = int(reply.get_int64())  # max-write-length; 0 means "not stated"
+    return limit or None
+
+
+def write_request_size(sftp: paramiko.SFTPClient) -> int:
+    """Bytes per SFTP WRITE: the server's stated limit up to MAX_WRITE_REQUEST, else 32 KiB."""
+    limit = server_write_limit(sftp)
+    size = SFTP_WRITE_CHUNK if limit is None else min(limit, MAX_WRITE_REQUEST)
+    logger.debug("SFTP write requests of {} bytes (server limit: {})", size, limit or "not stated")
+    return size
 
 
 def remote_size(sftp: paramiko.SFTPClient, path: str) -> int | None:

@@ -16,10 +16,12 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import paramiko
 from loguru import logger
 
+from agent import sftp_batch
 from agent.archive import Filer
 from agent.config import Config
 from agent.journal import FileRecord, FileState, Journal
@@ -33,6 +35,8 @@ from agent.sftp import (
 )
 
 LOCAL_FAULT_PAUSE_SECONDS = 5.0
+BATCH_FILE_MAX_BYTES = 256 * 1024  # files up to this size are sent together (upload.batch_files)
+BATCH_MAX_BYTES = 4 * 1024 * 1024  # bytes of one batch in flight at most
 
 
 class PermanentUploadError(Exception):
@@ -63,6 +67,10 @@ class Uploader:
         # what follows a verified upload: archive now, or leave it to the status job (agent.lifecycle)
         self.after_upload: Callable[[FileRecord], FileRecord] = filer.archive
         self.on_published: Callable[[FileRecord, float], None] | None = None  # metrics: upload seconds
+        # the batch path (process_batch): with no status tracking, "uploaded" and the archive intent
+        # are one commit and the batch is filed together; after_archive then runs per file (compress)
+        self.archive_on_publish = True
+        self.after_archive: Callable[[FileRecord], FileRecord] = _unchanged
 
     @property
     def session(self) -> SftpSession:
@@ -70,8 +78,8 @@ class Uploader:
         bound: SftpSession | None = getattr(self._local, "session", None)
         return bound if bound is not None else self._default_session
 
-    def bind_session(self, session: SftpSession) -> None:
-        """Use `session` for every file this thread sends (one SSH connection per upload thread)."""
+    def bind_session(self, session: SftpSession | None) -> None:
+        """Use `session` for what this thread sends now (None: the default session again)."""
         self._local.session = session
 
     @property
@@ -89,6 +97,102 @@ class Uploader:
             return self.filer.quarantine(self.journal.get(record.id), str(exc))
         except Exception as exc:  # noqa: BLE001 - every other fault is retried; the file stays queued
             return self._retry_later(self.journal.get(record.id), exc)
+
+    def process_batch(self, records: list[FileRecord]) -> list[FileRecord]:
+        """One attempt at several small `queued` files over this thread's connection.
+
+        The steps are the single-file path's (uploading, temp name, size check, publishing,
+        rename, uploaded), each sent for every file before any reply is read (agent.sftp_batch) and
+        each committed once for the batch. A file whose own step fails is left in the state it
+        reached and gets a single-file attempt after the batch (`process`: resume, classify, retry
+        or refuse), so every fault keeps the meaning it has there. A connection fault makes every
+        file not yet published retry later, as it would one file.
+        """
+        if len(records) == 1:
+            return [self.process(records[0])]
+        results: dict[int, FileRecord] = {}
+        redo: list[int] = []
+        try:
+            self._publish_batch(records, results, redo)
+        except Exception as exc:  # noqa: BLE001 - as in `process`: the files stay queued and retry
+            for record in records:
+                if record.id not in results:
+                    with logger.contextualize(file_id=record.id, file=record.name):
+                        results[record.id] = self._retry_later(self.journal.get(record.id), exc)
+            redo.clear()
+        for file_id in redo:
+            record = self.journal.get(file_id)
+            with logger.contextualize(file_id=record.id, file=record.name):
+                results[file_id] = self.process(record)
+        return [results[record.id] for record in records]
+
+    def _publish_batch(self, records: list[FileRecord], results: dict[int, FileRecord],
+                       redo: list[int]) -> None:
+        """The batch's steps; fills `results` with each file done and `redo` with each to try alone."""
+        sftp = self._client()
+        started = time.monotonic()
+        contents = {}
+        for record in records:
+            content = _read_claimed(Path(record.local_path))
+            if content is None or len(content) != record.size:
+                redo.append(record.id)  # the single-file path says what is wrong with it
+            else:
+                contents[record.id] = content
+        finals = {record.id: posixpath.join(self.remote_dir, str(record.remote_name)) for record in records}
+        temps = {record.id: posixpath.join(self.remote_dir, temporary_name(str(record.remote_name)))
+                 for record in records}
+        batch = self.journal.update_many([(record.id, f"sending to {finals[record.id]}",
+                                           {"state": FileState.UPLOADING}) for record in records
+                                          if record.id in contents])
+
+        def keep(ok: list[bool]) -> list[FileRecord]:
+            for record, fine in zip(batch, ok, strict=True):
+                if not fine:
+                    redo.append(record.id)
+            self._check_stop()
+            return [record for record, fine in zip(batch, ok, strict=True) if fine]
+
+        handles = sftp_batch.open_for_writing(sftp, [temps[record.id] for record in batch])
+        batch = keep([not isinstance(handle, OSError) for handle in handles])
+        errors = sftp_batch.write_and_close(sftp, [h for h in handles if not isinstance(h, OSError)],
+                                            [contents[record.id] for record in batch],
+                                            self.session.write_request_size(sftp))
+        batch = keep([error is None for error in errors])
+        sizes = sftp_batch.sizes(sftp, [temps[record.id] for record in batch])
+        batch = keep([size == record.size for size, record in zip(sizes, batch, strict=True)])
+        batch = self.journal.update_many([(record.id, f"renaming to {finals[record.id]}",
+                                           {"state": FileState.PUBLISHING}) for record in batch])
+        self.heartbeat()
+        errors = sftp_batch.renames(sftp, [(temps[record.id], finals[record.id]) for record in batch])
+        batch = keep([error is None for error in errors])
+        elapsed = time.monotonic() - started
+        for record in batch:
+            logger.bind(file_id=record.id, file=record.name).info(
+                "{} uploaded as {} ({} bytes in {:.2f} s, {} sent together)", record.label,
+                finals[record.id], record.size, elapsed, len(records))
+            if self.on_published is not None:
+                self.on_published(record, elapsed)
+        published: dict[str, Any] = {"state": FileState.UPLOADED, "error": None}
+        if not self.archive_on_publish:
+            for record in self.journal.update_many([(record.id, f"published as {finals[record.id]}",
+                                                     published) for record in batch]):
+                with logger.contextualize(file_id=record.id, file=record.name):
+                    results[record.id] = self.after_upload(record)
+            return
+        # "uploaded" and the archive intent in one commit: recovery finishes the move (resume_move)
+        batch = self.journal.update_many([
+            (record.id, f"published as {finals[record.id]}",
+             {**published, "pending_path": self.filer.archive_destination(record),
+              "pending_state": FileState.ARCHIVED}) for record in batch])
+        for record in self.filer.finish_moves(batch):
+            logger.bind(file_id=record.id, file=record.name).info(
+                "{} archived to {}", record.label, record.local_path)
+            with logger.contextualize(file_id=record.id, file=record.name):
+                results[record.id] = self.after_archive(record)
+
+    def _check_stop(self) -> None:
+        if self.stop_requested.is_set():
+            raise InterruptedError("stopping: upload abandoned, it restarts at next start")
 
     def _publish(self, record: FileRecord) -> FileRecord:
         assert record.remote_name and record.size is not None
@@ -168,8 +272,10 @@ class Uploader:
                 f"the claimed copy {local} could not be read ({exc.strerror}); it was not sent"
             ) from None
         with os.fdopen(fd, "rb") as reader:
+            request_size = self.session.write_request_size(sftp)  # limits@openssh.com, else 32 KiB
             try:
-                remote = sftp.open(temp, "wb")
+                remote = sftp.open(temp, "wb", bufsize=0)
+                remote.MAX_REQUEST_SIZE = request_size  # paramiko's per-WRITE cap, for this file only
             except OSError as exc:
                 if exc.errno == errno.EACCES:
                     raise PermanentUploadError(
@@ -222,6 +328,20 @@ def _no_heartbeat() -> None:
     return None
 
 
+def _unchanged(record: FileRecord) -> FileRecord:
+    return record
+
+
+def _read_claimed(path: Path) -> bytes | None:
+    """The whole of a small claimed file (never through a link), or None when it cannot be read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as reader:
+        return reader.read()
+
+
 def _describe_fault(exc: BaseException) -> str:
     if isinstance(exc, (ConnectError, InterruptedError)):
         return str(exc)
@@ -229,6 +349,70 @@ def _describe_fault(exc: BaseException) -> str:
         return f"{exc.strerror} ({type(exc).__name__})"
     text = str(exc) or type(exc).__name__
     return f"{text} ({type(exc).__name__})"
+
+
+class SessionPool:
+    """The upload threads' SFTP sessions (one per thread), lent out per file or batch.
+
+    A thread with work takes a connected session when one is free, and waits for a connection that
+    is being opened ahead (`run --once`) rather than open another, so a lone file costs one SSH
+    handshake, not one per thread; a new connection is made only when every open one is busy.
+    """
+
+    def __init__(self, sessions: list[SftpSession], connect_timeout: float) -> None:
+        self._free = list(sessions)
+        self._connecting = 0  # sessions lent out by connect_ahead()
+        self._connect_timeout = connect_timeout
+        self._closed = False
+        self._cond = threading.Condition()
+
+    def connect_ahead(self) -> None:
+        """Open a connection for a free session that has none, before any file needs it."""
+        with self._cond:
+            session = self._take(connected=False)
+            self._connecting += 1
+        try:
+            session.client()
+        except Exception as exc:  # noqa: BLE001 - the first file's attempt retries and reports it
+            logger.debug("connecting ahead of the first file failed: {}", exc)
+        finally:
+            with self._cond:
+                self._connecting -= 1
+                self._cond.notify_all()
+            self.release(session)
+
+    def acquire(self) -> SftpSession:
+        """A free session: a connected one, else (after any connect ahead ends) one to connect."""
+        deadline = time.monotonic() + self._connect_timeout
+        with self._cond:
+            while (self._connecting and not any(session.connected for session in self._free)
+                   and time.monotonic() < deadline):
+                self._cond.wait(max(0.0, deadline - time.monotonic()))
+            return self._take(connected=True)
+
+    def _take(self, connected: bool) -> SftpSession:
+        # never empty: each thread holds at most one session and there is one per thread
+        for index, session in enumerate(self._free):
+            if session.connected == connected:
+                return self._free.pop(index)
+        return self._free.pop(0)
+
+    def release(self, session: SftpSession) -> None:
+        with self._cond:
+            if not self._closed:
+                self._free.append(session)
+                self._cond.notify_all()
+                return
+        session.close()  # lent out when the pool closed: closed by the thread that had it
+
+    def close(self) -> None:
+        """Close the free sessions now, and each lent one when it is given back (a thread stuck in
+        a connect or a transfer is not waited for)."""
+        with self._cond:
+            self._closed = True
+            free, self._free = self._free, []
+        for session in free:
+            session.close()
 
 
 class UploadWorker:
@@ -252,7 +436,14 @@ class UploadWorker:
                          for index in range(self.concurrency)]
         self.busy = threading.Event()  # set while any thread holds a file
         self.heartbeat_interval: float | None = None  # wake at least this often to ping the watchdog
-        self.preconnect = False  # `run --once`: the first thread connects while intake checks files
+        # `run --once`: this many connections are opened while intake checks the first files
+        self.preconnect = 0
+        config = uploader.config.sftp
+        self._sessions = SessionPool([uploader.session] + [SftpSession(config)
+                                                           for _ in range(self.concurrency - 1)],
+                                     config.connect_timeout)
+        # upload.batch_files; one at a time under sftp.bandwidth_limit (the batch path does not pace)
+        self.batch_files = 1 if uploader.config.sftp.bandwidth_limit else uploader.config.upload.batch_files
 
     def wake(self) -> None:
         with self._cond:
@@ -270,7 +461,9 @@ class UploadWorker:
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
-        return not any(thread.is_alive() for thread in self._threads)
+        stopped = not any(thread.is_alive() for thread in self._threads)
+        self._sessions.close()
+        return stopped
 
     def _wait(self, seen: int, timeout: float | None) -> None:
         """Sleep until `wake()` (unless one came since `seen` was read) or the timeout."""
@@ -281,14 +474,32 @@ class UploadWorker:
             if self._generation == seen and not self.uploader.stop_requested.is_set():
                 self._cond.wait(timeout)
 
-    def _take(self) -> tuple[FileRecord | None, float | None]:
-        """The oldest due file no other thread holds, now held by this one; else when one falls due."""
+    def _take(self) -> tuple[list[FileRecord], float | None]:
+        """The oldest due file no other thread holds, with the small queued files after it (batch),
+        now held by this one; else nothing and when a file falls due."""
         with self._claim_lock:
             record, next_due = self.journal.next_sendable(exclude=self._claimed)
-            if record is not None:
-                self._claimed.add(record.id)
-                self.busy.set()
-        return record, next_due
+            if record is None:
+                return [], next_due
+            batch = [record]
+            if (self.batch_files > 1 and record.state == FileState.QUEUED
+                    and (record.size or 0) <= BATCH_FILE_MAX_BYTES):
+                batch, total = [], 0
+                for candidate in self.journal.queued_after(record, self.batch_files, BATCH_FILE_MAX_BYTES,
+                                                           exclude=self._claimed):
+                    total += candidate.size or 0
+                    if batch and total > BATCH_MAX_BYTES:
+                        break
+                    batch.append(candidate)
+                if not batch or batch[0].id != record.id:  # it changed state in between: send it alone
+                    batch = [record]
+            self._claimed.update(member.id for member in batch)
+            self.busy.set()
+        return batch, None
+
+    def _release_all(self, records: list[FileRecord]) -> None:
+        for record in records:
+            self._release(record.id)
 
     def _release(self, file_id: int) -> None:
         with self._claim_lock:
@@ -297,17 +508,12 @@ class UploadWorker:
                 self.busy.clear()
 
     def _run(self, index: int) -> None:
-        if index > 0:
-            self.uploader.bind_session(SftpSession(self.uploader.config.sftp))
         try:
-            if index == 0 and self.preconnect:
-                try:
-                    self.uploader.session.client()
-                except Exception as exc:  # noqa: BLE001 - the first file's attempt retries and reports it
-                    logger.debug("connecting ahead of the first file failed: {}", exc)
+            if index < self.preconnect:
+                self._sessions.connect_ahead()
             self._loop()
         finally:
-            self.uploader.session.close()
+            self.uploader.bind_session(None)
 
     def _loop(self) -> None:
         while not self.uploader.stop_requested.is_set():
@@ -318,22 +524,31 @@ class UploadWorker:
             if hold > 0:
                 self._wait(seen, hold)
                 continue
-            record, next_due = self._take()
-            if record is None:
+            batch, next_due = self._take()
+            if not batch:
                 self._wait(seen, None if next_due is None else max(0.0, next_due - time.time()))
                 continue
             retry = False
+            session = self._sessions.acquire()  # a connected one first (see SessionPool)
+            self.uploader.bind_session(session)
             try:
-                with logger.contextualize(file_id=record.id, file=record.name):  # log records name the file
-                    retry = self.uploader.process(record).next_attempt_at is not None
+                if len(batch) == 1:
+                    with logger.contextualize(file_id=batch[0].id, file=batch[0].name):  # log lines name it
+                        results = [self.uploader.process(batch[0])]
+                else:
+                    results = self.uploader.process_batch(batch)
+                retry = any(result.next_attempt_at is not None for result in results)
             except Exception:  # noqa: BLE001 - e.g. the journal's disk is full: keep the thread alive
-                logger.exception("{} could not be processed; trying again in {:.0f} s", record.label,
+                logger.exception("{} could not be processed; trying again in {:.0f} s",
+                                 batch[0].label if len(batch) == 1 else f"a batch of {len(batch)} files",
                                  LOCAL_FAULT_PAUSE_SECONDS)
-                self._release(record.id)
+                self._sessions.release(session)
+                self._release_all(batch)
                 with self._cond:
                     seen = self._generation  # the pause is not cut short by wake-ups during the attempt
                 self._wait(seen, LOCAL_FAULT_PAUSE_SECONDS)
                 continue
-            self._release(record.id)
+            self._sessions.release(session)
+            self._release_all(batch)
             if retry and self.concurrency > 1:
                 self.wake()  # its new due time: threads that were waiting without it look again

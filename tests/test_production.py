@@ -343,7 +343,7 @@ class _FakeSftp:
     def __init__(self) -> None:
         self.remote = _FakeRemote()
 
-    def open(self, _path: str, _mode: str) -> _FakeRemote:
+    def open(self, _path: str, _mode: str, bufsize: int = -1) -> _FakeRemote:
         return self.remote
 
 
@@ -360,7 +360,8 @@ def test_bandwidth_limit_paces_the_upload(tmp_path: Path, monkeypatch: pytest.Mo
     clock = _FakeClock()
     monkeypatch.setattr(upload, "time", types.SimpleNamespace(monotonic=clock.monotonic, time=time.time))
     filer = types.SimpleNamespace(archive=lambda record: record)
-    uploader = Uploader(config, None, filer, None)  # type: ignore[arg-type]
+    session = types.SimpleNamespace(write_request_size=lambda _sftp: 32768)  # a server without limits
+    uploader = Uploader(config, None, filer, session)  # type: ignore[arg-type]
     monkeypatch.setattr(uploader.stop_requested, "wait", clock.wait)
     beats: list[int] = []
     uploader.heartbeat = lambda: beats.append(1)

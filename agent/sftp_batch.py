@@ -1,0 +1,205 @@
+"""Pipelined SFTP requests: send one step for many files, then read every reply.
+
+A small file costs four round trips (open, write + close, stat, rename). Done one file at a time
+through paramiko that is about 2 ms per file on loopback, most of it waiting for thread hand-offs,
+so a burst of small files is bound by latency, not by bytes. SFTP lets a client keep many requests
+outstanding (draft-ietf-secsh-filexfer-02, section 6), and paramiko itself pipelines writes and
+read-ahead this way (`SFTPFile.set_pipelined`, `SFTPFile.prefetch`): its `_async_request` sends a
+request and `_read_response` reads replies and hands each to the object registered for it. This
+module uses those two methods to send a whole step for a batch of files at once; the protocol
+itself stays paramiko's. Each reply is matched to its request, and an error status becomes that
+file's OSError, so one file's refusal never fails the others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import paramiko
+from paramiko.sftp import (
+    CMD_ATTRS,
+    CMD_CLOSE,
+    CMD_EXTENDED,
+    CMD_HANDLE,
+    CMD_OPEN,
+    CMD_RENAME,
+    CMD_STAT,
+    CMD_STATUS,
+    CMD_WRITE,
+    SFTP_FLAG_CREATE,
+    SFTP_FLAG_TRUNC,
+    SFTP_FLAG_WRITE,
+    int64,
+)
+
+RECEIVE_CHUNK = 64 * 1024  # the most one channel read takes
+CORK_FLUSH_BYTES = 16 * 1024  # held requests are sent on once they fill about half an SSH packet
+Request = tuple[int, tuple[Any, ...]]  # (SFTP packet type, its arguments after the request id)
+
+
+@dataclass(frozen=True)
+class Reply:
+    kind: int  # SFTP packet type of the reply
+    message: paramiko.Message | None  # its body after the request id; None for an OK status
+    error: OSError | None  # what an error status means, as paramiko itself would raise it
+
+
+class PipelinedSFTPClient(paramiko.SFTPClient):  # type: ignore[misc]
+    """paramiko's SFTP client that can hold back the requests made inside `corked()` and send them
+    as one stream when the block ends.
+
+    paramiko sends every SFTP request as an SSH packet of its own (one encryption, one socket write,
+    about 35 us on loopback): 1,000 small files make 5,000 of them. Held back and written together,
+    the channel packs the same requests into a few packets of up to its maximum packet size; the
+    SFTP stream the server reads is byte for byte the same. Replies are read the same way round.
+    """
+
+    def __init__(self, sock: paramiko.Channel) -> None:
+        self._held: list[bytes] | None = None  # set first: the base class sends its INIT at once
+        self._held_bytes = 0
+        self._received = bytearray()  # read from the channel, not yet taken by _read_all
+        super().__init__(sock)
+
+    def _read_all(self, n: int) -> bytes:
+        """paramiko's `_read_all` through a buffer: one channel read takes every reply that has
+        arrived, instead of two reads (length, then body) per reply."""
+        received = self._received
+        while len(received) < n:
+            chunk = self.sock.recv(max(n - len(received), RECEIVE_CHUNK))
+            if not chunk:
+                raise EOFError()
+            received += chunk
+        out = bytes(received[:n])
+        del received[:n]
+        return out
+
+    def _send_packet(self, t: int, packet: paramiko.Message) -> None:
+        if self._held is None:
+            super()._send_packet(t, packet)
+            return
+        body = packet.asbytes()
+        self._held.append(struct.pack(">IB", len(body) + 1, t) + body)
+        self._held_bytes += len(body) + 5
+        if self._held_bytes >= CORK_FLUSH_BYTES:  # the server starts on these while more are built
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._held:
+            self._write_all(b"".join(self._held))
+            self._held.clear()
+        self._held_bytes = 0
+
+    @contextlib.contextmanager
+    def corked(self) -> Iterator[None]:
+        """Requests made in this block are sent when it ends (and dropped if it raises)."""
+        self._held, self._held_bytes = [], 0
+        try:
+            yield
+            self._flush()
+        finally:
+            self._held = None
+
+
+class _Replies:
+    """Collects the replies `SFTPClient._read_response` hands over, by request id."""
+
+    def __init__(self) -> None:
+        self.by_number: dict[int, tuple[int, paramiko.Message]] = {}
+
+    def _async_response(self, kind: int, message: paramiko.Message, number: int) -> None:
+        self.by_number[number] = (kind, message)
+
+
+def exchange(sftp: paramiko.SFTPClient, requests: Sequence[Request]) -> list[Reply]:
+    """Send every request, then read until each has its reply; replies in request order.
+
+    A connection fault (paramiko.SSHException, EOFError, socket errors) is raised as it comes:
+    the caller treats the whole batch as interrupted. The caller bounds the bytes in flight.
+    """
+    replies = _Replies()
+    cork = sftp.corked() if isinstance(sftp, PipelinedSFTPClient) else contextlib.nullcontext()
+    with cork:
+        numbers = [sftp._async_request(replies, kind, *args) for kind, args in requests]
+    while len(replies.by_number) < len(numbers):
+        sftp._read_response()
+    return [_reply(sftp, *replies.by_number.pop(number)) for number in numbers]
+
+
+def _reply(sftp: paramiko.SFTPClient, kind: int, message: paramiko.Message) -> Reply:
+    if kind != CMD_STATUS:
+        return Reply(kind, message, None)
+    try:
+        sftp._convert_status(message)
+    except EOFError as exc:
+        return Reply(kind, None, OSError(str(exc)))
+    except OSError as exc:
+        return Reply(kind, None, exc)
+    return Reply(kind, None, None)
+
+
+def open_for_writing(sftp: paramiko.SFTPClient, paths: Sequence[str]) -> list[bytes | OSError]:
+    """Create or truncate each path for writing: its handle, or why the server refused."""
+    flags = SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_TRUNC
+    replies = exchange(sftp, [(CMD_OPEN, (path, flags, paramiko.SFTPAttributes())) for path in paths])
+    results: list[bytes | OSError] = []
+    for reply in replies:
+        if reply.error is None and reply.kind == CMD_HANDLE and reply.message is not None:
+            results.append(reply.message.get_binary())
+        else:
+            results.append(reply.error or OSError(f"unexpected reply {reply.kind} to open"))
+    return results
+
+
+def write_and_close(sftp: paramiko.SFTPClient, handles: Sequence[bytes], contents: Sequence[bytes],
+                    chunk: int) -> list[OSError | None]:
+    """Write each content through its handle from offset 0 in requests of `chunk` bytes, then close
+    it; per file the first error.
+
+    Every write's status is read (paramiko's pipelined SFTPFile drops them), so a full remote disk
+    shows here as well as in the size check that follows.
+    """
+    requests: list[Request] = []
+    owners: list[int] = []
+    for index, (handle, content) in enumerate(zip(handles, contents, strict=True)):
+        view = memoryview(content)
+        for offset in range(0, len(content), chunk):
+            requests.append((CMD_WRITE, (handle, int64(offset), bytes(view[offset:offset + chunk]))))
+            owners.append(index)
+        requests.append((CMD_CLOSE, (handle,)))
+        owners.append(index)
+    errors: list[OSError | None] = [None] * len(handles)
+    for owner, reply in zip(owners, exchange(sftp, requests), strict=True):
+        if reply.error is not None and errors[owner] is None:
+            errors[owner] = reply.error
+    return errors
+
+
+def sizes(sftp: paramiko.SFTPClient, paths: Sequence[str]) -> list[int | OSError]:
+    """The size of each remote path, or why it could not be had."""
+    results: list[int | OSError] = []
+    for reply in exchange(sftp, [(CMD_STAT, (path,)) for path in paths]):
+        if reply.error is None and reply.kind == CMD_ATTRS and reply.message is not None:
+            size = paramiko.SFTPAttributes._from_msg(reply.message).st_size
+            results.append(int(size) if size is not None else OSError("the server gave no size"))
+        else:
+            results.append(reply.error or OSError(f"unexpected reply {reply.kind} to stat"))
+    return results
+
+
+def renames(sftp: paramiko.SFTPClient, pairs: Sequence[tuple[str, str]]) -> list[OSError | None]:
+    """`sftp.publish_rename` for many files: posix-rename, and plain rename where the server has no
+    posix-rename (its refusal carries no errno); per pair None when done, else the error."""
+    results: list[OSError | None] = [
+        reply.error for reply in exchange(
+            sftp, [(CMD_EXTENDED, ("posix-rename@openssh.com", old, new)) for old, new in pairs])
+    ]
+    unsupported = [index for index, error in enumerate(results) if error is not None and error.errno is None]
+    if unsupported:
+        plain = exchange(sftp, [(CMD_RENAME, pairs[index]) for index in unsupported])
+        for index, reply in zip(unsupported, plain, strict=True):
+            results[index] = reply.error
+    return results
