@@ -330,15 +330,19 @@ class Journal:
         [record] = self.update_many([(file_id, message, fields)])
         return record
 
-    def update_many(self, changes: list[tuple[int, str | None, dict[str, Any]]]) -> list[FileRecord]:
+    def update_many(self, changes: list[tuple[int, str | None, dict[str, Any]]],
+                    fetch: bool = True) -> list[FileRecord]:
         """`update` for several rows (file id, event message, fields) in one commit: a batch of files
-        moving to the same step costs one fsync, not one each. Returns the rows in the given order."""
+        moving to the same step costs one fsync, not one each. Returns the rows in the given order
+        (fetch=False: nothing, for a caller that has what it needs)."""
         if not changes:
             return []
         now = utc_now_iso()
         with self._transaction():
             for file_id, message, fields in changes:
                 self._apply(file_id, now, message, fields)
+        if not fetch:
+            return []
         ids = [file_id for file_id, _message, _fields in changes]
         marks = ", ".join("?" * len(ids))
         by_id = {record.id: record for record in self._select(f"WHERE id IN ({marks})", tuple(ids))}

@@ -24,10 +24,10 @@ from paramiko.sftp import (
     CMD_ATTRS,
     CMD_CLOSE,
     CMD_EXTENDED,
+    CMD_FSTAT,
     CMD_HANDLE,
     CMD_OPEN,
     CMD_RENAME,
-    CMD_STAT,
     CMD_STATUS,
     CMD_WRITE,
     SFTP_FLAG_CREATE,
@@ -155,39 +155,39 @@ def open_for_writing(sftp: paramiko.SFTPClient, paths: Sequence[str]) -> list[by
 
 
 def write_and_close(sftp: paramiko.SFTPClient, handles: Sequence[bytes], contents: Sequence[bytes],
-                    chunk: int) -> list[OSError | None]:
-    """Write each content through its handle from offset 0 in requests of `chunk` bytes, then close
-    it; per file the first error.
+                    chunk: int) -> list[int | OSError]:
+    """Write each content through its handle from offset 0 in requests of `chunk` bytes, ask the
+    size the server then has (FSTAT), and close it: per file that size, or its first error.
 
-    Every write's status is read (paramiko's pipelined SFTPFile drops them), so a full remote disk
-    shows here as well as in the size check that follows.
+    Every write's status is read (paramiko's pipelined SFTPFile drops them), and the size is the
+    server's own answer, so a full remote disk or a short write shows either way. The FSTAT follows
+    the writes on the same handle, which servers answer in order; were one not to, the size would
+    come out short and the file would be sent again, never published short.
     """
     requests: list[Request] = []
-    owners: list[int] = []
+    owners: list[tuple[int, int]] = []  # (file index, request type)
     for index, (handle, content) in enumerate(zip(handles, contents, strict=True)):
         view = memoryview(content)
         for offset in range(0, len(content), chunk):
             requests.append((CMD_WRITE, (handle, int64(offset), bytes(view[offset:offset + chunk]))))
-            owners.append(index)
-        requests.append((CMD_CLOSE, (handle,)))
-        owners.append(index)
-    errors: list[OSError | None] = [None] * len(handles)
-    for owner, reply in zip(owners, exchange(sftp, requests), strict=True):
-        if reply.error is not None and errors[owner] is None:
-            errors[owner] = reply.error
-    return errors
+            owners.append((index, CMD_WRITE))
+        requests += [(CMD_FSTAT, (handle,)), (CMD_CLOSE, (handle,))]
+        owners += [(index, CMD_FSTAT), (index, CMD_CLOSE)]
+    results: list[int | OSError] = [OSError("no size")] * len(handles)
+    failed: list[OSError | None] = [None] * len(handles)
+    for (index, kind), reply in zip(owners, exchange(sftp, requests), strict=True):
+        if reply.error is not None:
+            failed[index] = failed[index] or reply.error
+        elif kind == CMD_FSTAT:
+            results[index] = _size(reply)
+    return [error or result for error, result in zip(failed, results, strict=True)]
 
 
-def sizes(sftp: paramiko.SFTPClient, paths: Sequence[str]) -> list[int | OSError]:
-    """The size of each remote path, or why it could not be had."""
-    results: list[int | OSError] = []
-    for reply in exchange(sftp, [(CMD_STAT, (path,)) for path in paths]):
-        if reply.error is None and reply.kind == CMD_ATTRS and reply.message is not None:
-            size = paramiko.SFTPAttributes._from_msg(reply.message).st_size
-            results.append(int(size) if size is not None else OSError("the server gave no size"))
-        else:
-            results.append(reply.error or OSError(f"unexpected reply {reply.kind} to stat"))
-    return results
+def _size(reply: Reply) -> int | OSError:
+    if reply.kind == CMD_ATTRS and reply.message is not None:
+        size = paramiko.SFTPAttributes._from_msg(reply.message).st_size
+        return int(size) if size is not None else OSError("the server gave no size")
+    return OSError(f"unexpected reply {reply.kind} to a size request")
 
 
 def renames(sftp: paramiko.SFTPClient, pairs: Sequence[tuple[str, str]]) -> list[OSError | None]:

@@ -141,9 +141,9 @@ class Uploader:
         finals = {record.id: posixpath.join(self.remote_dir, str(record.remote_name)) for record in records}
         temps = {record.id: posixpath.join(self.remote_dir, temporary_name(str(record.remote_name)))
                  for record in records}
-        batch = self.journal.update_many([(record.id, f"sending to {finals[record.id]}",
-                                           {"state": FileState.UPLOADING}) for record in records
-                                          if record.id in contents])
+        batch = [record for record in records if record.id in contents]
+        self.journal.update_many([(record.id, f"sending to {finals[record.id]}",
+                                   {"state": FileState.UPLOADING}) for record in batch], fetch=False)
 
         def keep(ok: list[bool]) -> list[FileRecord]:
             for record, fine in zip(batch, ok, strict=True):
@@ -154,14 +154,12 @@ class Uploader:
 
         handles = sftp_batch.open_for_writing(sftp, [temps[record.id] for record in batch])
         batch = keep([not isinstance(handle, OSError) for handle in handles])
-        errors = sftp_batch.write_and_close(sftp, [h for h in handles if not isinstance(h, OSError)],
-                                            [contents[record.id] for record in batch],
-                                            self.session.write_request_size(sftp))
-        batch = keep([error is None for error in errors])
-        sizes = sftp_batch.sizes(sftp, [temps[record.id] for record in batch])
+        sizes = sftp_batch.write_and_close(sftp, [h for h in handles if not isinstance(h, OSError)],
+                                           [contents[record.id] for record in batch],
+                                           self.session.write_request_size(sftp))
         batch = keep([size == record.size for size, record in zip(sizes, batch, strict=True)])
-        batch = self.journal.update_many([(record.id, f"renaming to {finals[record.id]}",
-                                           {"state": FileState.PUBLISHING}) for record in batch])
+        self.journal.update_many([(record.id, f"renaming to {finals[record.id]}",
+                                   {"state": FileState.PUBLISHING}) for record in batch], fetch=False)
         self.heartbeat()
         errors = sftp_batch.renames(sftp, [(temps[record.id], finals[record.id]) for record in batch])
         batch = keep([error is None for error in errors])
@@ -170,8 +168,8 @@ class Uploader:
             logger.bind(file_id=record.id, file=record.name).info(
                 "{} uploaded as {} ({} bytes in {:.2f} s, {} sent together)", record.label,
                 finals[record.id], record.size, elapsed, len(records))
-            if self.on_published is not None:
-                self.on_published(record, elapsed)
+            if self.on_published is not None:  # metrics: each file's share of the batch's time
+                self.on_published(record, elapsed / len(batch))
         published: dict[str, Any] = {"state": FileState.UPLOADED, "error": None}
         if not self.archive_on_publish:
             for record in self.journal.update_many([(record.id, f"published as {finals[record.id]}",
