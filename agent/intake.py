@@ -99,16 +99,18 @@ class Intake:
             fsync_dir(folder)
         ready: list[_Ready] = []  # checked files, queued with one commit
         since = time.monotonic()
-        for record in moved:
-            with logger.contextualize(file_id=record.id, file=record.name):
-                logger.debug("{} claimed", record.label)  # the "queued" or "failed" line follows
-                self._check(record, ready)
-            # a big file or a slow check does not hold back the files checked before it
-            if (sum(item.record.size or 0 for item in ready) >= QUEUE_FLUSH_BYTES
-                    or time.monotonic() - since >= QUEUE_FLUSH_SECONDS):
-                self._queue(ready)
-                since = time.monotonic()
-        self._queue(ready)
+        try:
+            for record in moved:
+                with logger.contextualize(file_id=record.id, file=record.name):
+                    logger.debug("{} claimed", record.label)  # the "queued" or "failed" line follows
+                    self._check(record, ready)
+                # a big file or a slow check does not hold back the files checked before it
+                if (sum(item.record.size or 0 for item in ready) >= QUEUE_FLUSH_BYTES
+                        or time.monotonic() - since >= QUEUE_FLUSH_SECONDS):
+                    self._queue(ready)
+                    since = time.monotonic()
+        finally:  # a file whose check failed does not hold back those checked before it
+            self._queue(ready)
 
     def check(self, record: FileRecord) -> FileRecord:
         """Hash the claimed file, apply the import rules, fix the remote name, queue it."""
