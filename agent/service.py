@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fcntl
-import itertools
 import os
 import signal
 import threading
@@ -125,12 +124,8 @@ class Agent:
         self.recover()
         # each --once run has its own retry.once_max_attempts budget, starting now
         self.journal.restart_attempts(self.journal.sendable_states)
-        # with work in sight, the SSH handshakes overlap the claim and check of the first files: one
-        # connection per batch of files in sight, up to upload.concurrency
-        worker = self.worker
-        in_sight = len(start_ids) + sum(1 for _ in itertools.islice(
-            self.scanner.scan(), worker.concurrency * worker.batch_files))
-        worker.preconnect = min(worker.concurrency, -(-in_sight // worker.batch_files))
+        # with work in sight, the SSH handshake overlaps the claim and check of the first files
+        self.worker.preconnect = bool(start_ids) or next(iter(self.scanner.scan()), None) is not None
         self.worker.start()
         self.settle.start()
         self.rescan()

@@ -37,6 +37,7 @@ from agent.sftp import (
 LOCAL_FAULT_PAUSE_SECONDS = 5.0
 BATCH_FILE_MAX_BYTES = 256 * 1024  # files up to this size are sent together (upload.batch_files)
 BATCH_MAX_BYTES = 4 * 1024 * 1024  # bytes of one batch in flight at most
+SPARE_CONNECTION_WAIT = 0.1  # seconds work waits for a busy connection before another is opened
 
 
 class PermanentUploadError(Exception):
@@ -352,16 +353,21 @@ def _describe_fault(exc: BaseException) -> str:
 class SessionPool:
     """The upload threads' SFTP sessions (one per thread), lent out per file or batch.
 
-    A thread with work takes a connected session when one is free, and waits for a connection that
-    is being opened ahead (`run --once`) rather than open another, so a lone file costs one SSH
-    handshake, not one per thread; a new connection is made only when every open one is busy.
+    A thread with work takes a connected session when one is free. When every session in use is
+    busy it waits up to SPARE_CONNECTION_WAIT for one to come back before it opens another SSH
+    connection (and for as long as a connection opened ahead takes): where a batch takes longer
+    than that (a slow link, a large file) more connections open, up to `upload.concurrency`; where
+    one connection keeps up (a trickle of files, loopback) the others are never opened.
     """
 
-    def __init__(self, sessions: list[SftpSession], connect_timeout: float) -> None:
+    def __init__(self, sessions: list[SftpSession], connect_timeout: float,
+                 spare_wait: float = SPARE_CONNECTION_WAIT) -> None:
         self._free = list(sessions)
-        self._connecting = 0  # sessions lent out by connect_ahead()
+        self._spare_wait = spare_wait
+        self._lent = 0  # sessions in use by a thread (busy, or being connected)
+        self._connecting = 0  # of those, being connected by connect_ahead()
         self._connect_timeout = connect_timeout
-        self._closed = False
+        self.closed = False
         self._cond = threading.Condition()
 
     def connect_ahead(self) -> None:
@@ -376,28 +382,34 @@ class SessionPool:
         finally:
             with self._cond:
                 self._connecting -= 1
-                self._cond.notify_all()
             self.release(session)
 
     def acquire(self) -> SftpSession:
-        """A free session: a connected one, else (after any connect ahead ends) one to connect."""
-        deadline = time.monotonic() + self._connect_timeout
+        """A free session: a connected one; else, once the wait above is over, one to connect."""
+        now = time.monotonic()
+        spare_at, connect_deadline = now + self._spare_wait, now + self._connect_timeout
         with self._cond:
-            while (self._connecting and not any(session.connected for session in self._free)
-                   and time.monotonic() < deadline):
-                self._cond.wait(max(0.0, deadline - time.monotonic()))
+            while not self.closed and not any(session.connected for session in self._free):
+                now = time.monotonic()
+                until = connect_deadline if self._connecting else spare_at if self._lent else now
+                if now >= until:
+                    break
+                self._cond.wait(until - now)
+            if self.closed:
+                raise InterruptedError("stopping: the upload sessions are closed")
             return self._take(connected=True)
 
     def _take(self, connected: bool) -> SftpSession:
+        """A free session, connected as asked if there is one (called with the lock held)."""
         # never empty: each thread holds at most one session and there is one per thread
-        for index, session in enumerate(self._free):
-            if session.connected == connected:
-                return self._free.pop(index)
-        return self._free.pop(0)
+        index = next((i for i, session in enumerate(self._free) if session.connected == connected), 0)
+        self._lent += 1
+        return self._free.pop(index)
 
     def release(self, session: SftpSession) -> None:
         with self._cond:
-            if not self._closed:
+            self._lent -= 1
+            if not self.closed:
                 self._free.append(session)
                 self._cond.notify_all()
                 return
@@ -407,8 +419,9 @@ class SessionPool:
         """Close the free sessions now, and each lent one when it is given back (a thread stuck in
         a connect or a transfer is not waited for)."""
         with self._cond:
-            self._closed = True
+            self.closed = True
             free, self._free = self._free, []
+            self._cond.notify_all()
         for session in free:
             session.close()
 
@@ -434,8 +447,7 @@ class UploadWorker:
                          for index in range(self.concurrency)]
         self.busy = threading.Event()  # set while any thread holds a file
         self.heartbeat_interval: float | None = None  # wake at least this often to ping the watchdog
-        # `run --once`: this many connections are opened while intake checks the first files
-        self.preconnect = 0
+        self.preconnect = False  # `run --once`: one connection opens while intake checks the first files
         config = uploader.config.sftp
         self._sessions = SessionPool([uploader.session] + [SftpSession(config)
                                                            for _ in range(self.concurrency - 1)],
@@ -455,13 +467,12 @@ class UploadWorker:
     def stop(self, timeout: float) -> bool:
         """Ask every upload thread to stop; True when all did within the timeout."""
         self.uploader.stop_requested.set()
+        self._sessions.close()  # the idle connections now; one in use when its thread gives it back
         self.wake()
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
-        stopped = not any(thread.is_alive() for thread in self._threads)
-        self._sessions.close()
-        return stopped
+        return not any(thread.is_alive() for thread in self._threads)
 
     def _wait(self, seen: int, timeout: float | None) -> None:
         """Sleep until `wake()` (unless one came since `seen` was read) or the timeout."""
@@ -507,7 +518,7 @@ class UploadWorker:
 
     def _run(self, index: int) -> None:
         try:
-            if index < self.preconnect:
+            if index == 0 and self.preconnect:
                 self._sessions.connect_ahead()
             self._loop()
         finally:
@@ -527,7 +538,11 @@ class UploadWorker:
                 self._wait(seen, None if next_due is None else max(0.0, next_due - time.time()))
                 continue
             retry = False
-            session = self._sessions.acquire()  # a connected one first (see SessionPool)
+            try:
+                session = self._sessions.acquire()  # a connected one first (see SessionPool)
+            except InterruptedError:  # stopping
+                self._release_all(batch)
+                break
             self.uploader.bind_session(session)
             try:
                 if len(batch) == 1:
