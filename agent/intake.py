@@ -35,6 +35,7 @@ HASH_CHUNK = 1024 * 1024
 CLAIM_BATCH = 64  # settled files claimed with one journal commit and one fsync per folder
 QUEUE_FLUSH_BYTES = 8 * 1024 * 1024  # checked files are queued at least every this many bytes
 QUEUE_FLUSH_SECONDS = 0.05  # and at least this often
+NOTICE_LIMIT = 2000  # paths a rescan hands to the settle queue at once (the rest: when those are in)
 
 
 def subfolder_of(source_path: Path, drop: Path) -> str | None:
@@ -293,12 +294,23 @@ class SettleQueue:
         self._stopping = False
         self._claiming = False
         self._thread = threading.Thread(target=self._run, name="intake", daemon=True)
+        # a rescan that stopped at NOTICE_LIMIT sets this; once everything noticed is claimed, intake
+        # calls it for the next part of drop/ (memory stays flat with a backlog of any size)
+        self.more_in_drop = False
+        self.refill: Callable[[], None] | None = None
 
-    def notice(self, candidate: Candidate) -> None:
+    def pending_count(self) -> int:
         with self._cond:
-            if candidate[0] not in self._pending:
-                self._pending[candidate[0]] = (candidate, None, time.monotonic())
+            return len(self._pending)
+
+    def notice(self, candidate: Candidate) -> bool:
+        """Watch this path until it settles; False when it is already watched."""
+        with self._cond:
+            if candidate[0] in self._pending:
+                return False
+            self._pending[candidate[0]] = (candidate, None, time.monotonic())
             self._cond.notify()
+            return True
 
     def start(self) -> None:
         self._thread.start()
@@ -349,11 +361,13 @@ class SettleQueue:
         return min(max(0.05, self.settle_seconds - age) for age in ages)
 
     def _run(self) -> None:
+        refilled = False
         while True:
             with self._cond:
                 if self._stopping:
                     return
-                self._cond.wait(self._next_wait())
+                if not refilled:  # after a refill the new paths are looked at at once
+                    self._cond.wait(self._next_wait())
                 if self._stopping:
                     return
             try:
@@ -366,6 +380,10 @@ class SettleQueue:
                         logger.opt(exception=exc).error(
                             "could not take {} file(s) starting with {}: {}; they stay in drop/ and are"
                             " tried again at the next rescan", len(batch), batch[0][0], exc)
+                # still "claiming": `run --once` never sees intake idle between two parts of drop/
+                refilled = bool(self.more_in_drop and self.refill and not self.pending_count())
+                if refilled and self.refill is not None:
+                    self.refill()
             finally:
                 with self._cond:
                     self._claiming = False

@@ -16,7 +16,7 @@ from loguru import logger
 from agent.archive import Filer
 from agent.config import Config, ConfigError, load_config
 from agent.fsutil import ensure_dir
-from agent.intake import Intake, SettleQueue
+from agent.intake import NOTICE_LIMIT, Intake, SettleQueue
 from agent.journal import ACTIVE_STATES, FileState, Journal
 from agent.lifecycle import TRACKED_STATES, Lifecycle
 from agent.logs import setup_logging
@@ -55,12 +55,13 @@ class Agent:
         self.lifecycle = Lifecycle(config, self.journal, self.filer, self.uploader)  # after the upload
         self.intake = Intake(config, self.journal, self.filer, self.scanner, self.worker.wake)
         self.settle = SettleQueue(config.watch.settle_seconds, self.intake.claim_many)
+        self.settle.refill = self.rescan
         self.watcher: DropWatcher | None = None
         self.scheduler: BackgroundScheduler | None = None
 
     def recover(self) -> None:
         """Bring every unfinished row and the disk into agreement before any new work starts."""
-        for record in self.journal.unfinished():
+        for record in self.journal.iter_unfinished():
             local_exists = os.path.lexists(record.local_path)
             if record.pending_path:
                 self.filer.resume_move(record)
@@ -80,8 +81,15 @@ class Agent:
                     "{} resumes in state {}", record.label, record.state.value)
 
     def rescan(self) -> None:
+        """Notice what is in drop/, up to NOTICE_LIMIT paths waiting at once; intake asks for the
+        rest (`SettleQueue.refill`) once those are claimed."""
+        room = NOTICE_LIMIT - self.settle.pending_count()
+        self.settle.more_in_drop = False
         for candidate in self.scanner.scan():
-            self.settle.notice(candidate)
+            if room <= 0:
+                self.settle.more_in_drop = True
+                break
+            room -= self.settle.notice(candidate)
         self.worker.wake()  # a file re-queued by another process (`retry`) goes within rescan_seconds
 
     def start(self) -> None:
@@ -119,7 +127,7 @@ class Agent:
 
     def run_once(self) -> int:
         """Take what is in drop/ now, send it, file it; 0 when every file ended archived."""
-        start_ids = [record.id for record in self.journal.unfinished()]
+        start_ids = self.journal.unfinished_ids()
         first_new_id = self.journal.max_id() + 1
         self.recover()
         # each --once run has its own retry.once_max_attempts budget, starting now
@@ -136,15 +144,13 @@ class Agent:
                     and not self.journal.count_below_attempts(self.journal.sendable_states, limit)):
                 break
             time.sleep(ONCE_POLL_SECONDS)
-        outcome = [self.journal.get(i) for i in start_ids]
-        outcome += self.journal.query("WHERE id >= ?", (first_new_id,))
+        done = (FileState.ARCHIVED, *(TRACKED_STATES if self.config.status.tracking else ()))
+        total, not_done = self.journal.outcome(start_ids, first_new_id, done)
         self.stop()
-        not_done = [r for r in outcome if r.state != FileState.ARCHIVED
-                    and not (self.config.status.tracking and r.state in TRACKED_STATES)]
         for record in not_done:
             logger.bind(file_id=record.id, file=record.name).error(
                 "{} ended {}: {}", record.label, record.state.value, record.error)
-        logger.info("--once: {} file(s) archived, {} not", len(outcome) - len(not_done), len(not_done))
+        logger.info("--once: {} file(s) archived, {} not", total - len(not_done), len(not_done))
         return 1 if not_done else 0
 
 

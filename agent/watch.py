@@ -118,7 +118,7 @@ class DropScanner:
 
 
 class _Handler(FileSystemEventHandler):
-    def __init__(self, scanner: DropScanner, notice: Callable[[Candidate], None]) -> None:
+    def __init__(self, scanner: DropScanner, notice: Callable[[Candidate], object]) -> None:
         self.scanner = scanner
         self.notice = notice
 
@@ -135,7 +135,7 @@ class _Handler(FileSystemEventHandler):
 class DropWatcher:
     """watchdog observer on drop/ (recursive, so the type subfolders are seen too)."""
 
-    def __init__(self, scanner: DropScanner, notice: Callable[[Candidate], None]) -> None:
+    def __init__(self, scanner: DropScanner, notice: Callable[[Candidate], object]) -> None:
         _shorten_inotify_move_pairing()
         self.observer = Observer()
         self.observer.daemon = True

@@ -111,3 +111,33 @@ def test_real_sshd_negotiates_aes_gcm(sshd_server: SshdServer) -> None:
         assert sftp.listdir(sshd_server.remote_dir) == []
     finally:
         session.close()
+
+
+def test_a_big_drop_folder_is_noticed_a_part_at_a_time(sshd_server: SshdServer, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rescan hands at most NOTICE_LIMIT paths to the settle queue; intake asks for the next part
+    once those are claimed, and `run --once` still takes every file (memory flat in a backlog)."""
+    from agent import service
+    from agent.config import load_config
+    from tests.helpers.agent_env import AgentEnv
+
+    env = AgentEnv.for_sshd(tmp_path / "agent", sshd_server)
+    env.write_config(settle_seconds=0)
+    count, limit = 35, 10
+    for index in range(count):
+        env.drop_atomically(f"users_{index:02d}.csv",
+                            f"accountId,id,email\nacct-{index},u{index},u{index}@example.com\n".encode())
+    monkeypatch.setattr(service, "NOTICE_LIMIT", limit)
+    agent = service.Agent(load_config(env.config_path))
+    waiting: list[int] = []
+    rescan = agent.rescan
+
+    def counting_rescan() -> None:
+        rescan()
+        waiting.append(agent.settle.pending_count())
+
+    agent.rescan = counting_rescan  # type: ignore[method-assign]
+    agent.settle.refill = counting_rescan
+    assert agent.run_once() == 0
+    assert len(env.archived_files()) == count
+    assert len(waiting) >= count // limit and max(waiting) <= limit, waiting
