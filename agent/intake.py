@@ -118,11 +118,15 @@ class Intake:
         with logger.contextualize(file_id=record.id, file=record.name):  # log records name the file
             ready: list[_Ready] = []
             record = self._check(record, ready)
-        return self._queue(ready)[0] if ready else record
+            if not ready:  # refused, split or unreadable: already filed
+                return record
+            queued = self._queue(ready)
+        return queued[0] if queued else self.journal.get(record.id)  # else: refused as a duplicate
 
     def _queue(self, ready: list[_Ready]) -> list[FileRecord]:
         """Queue checked files: their findings and remote names in one commit; nothing is sent
         before it. Empties `ready`."""
+        ready[:] = self._refuse_duplicates(ready)
         if not ready:
             return []
         queued = self.journal.update_many([
@@ -164,12 +168,8 @@ class Intake:
             return self.filer.quarantine(record, verdict.refusal, verdict.errors_csv)
         if verdict.split_format is not None:
             return self._split(self.journal.update(record.id, **checked), verdict.split_format)
-        earlier = self._recent_duplicate(dataclasses.replace(record, **checked))
-        if earlier is not None:
-            record = self.journal.update(record.id, **checked)
-            return self.filer.quarantine(record, duplicate_reason(record, earlier,
-                                                                  self.config.imports.duplicate_window_days))
-        # The check's findings and the queueing go in one commit (`_queue`): nothing is sent before it.
+        # The duplicate check (one query for the batch), then the check's findings and the queueing
+        # in one commit (`_queue`): nothing is sent before it.
         ready.append(_Ready(dataclasses.replace(record, **checked), checked, str(verdict.remote_name),
                             verdict.deletes))
         return record
@@ -193,12 +193,26 @@ class Intake:
         return PartOf(parent.name, parent.sha256,
                       subfolder_of(Path(parent.source_path), self.config.paths.drop), *numbers)
 
-    def _recent_duplicate(self, record: FileRecord) -> FileRecord | None:
+    def _refuse_duplicates(self, ready: list[_Ready]) -> list[_Ready]:
+        """File to failed/ each checked file whose content and type were sent within
+        imports.duplicate_window_days (unless `retry` forced it); the others, to be queued."""
         window = self.config.imports.duplicate_window_days
-        if window <= 0 or record.force_resend or record.sha256 is None or record.import_type is None:
-            return None
+        keys = [None if item.record.force_resend else (str(item.record.sha256), str(item.record.import_type))
+                for item in ready]
+        if window <= 0 or not any(keys):
+            return ready
         since = iso_utc(datetime.now(UTC) - timedelta(days=window))
-        return self.journal.find_duplicate(record.sha256, record.import_type, since, record.id)
+        earlier = self.journal.find_duplicates({key for key in keys if key is not None}, since)
+        keep = []
+        for item, key in zip(ready, keys, strict=True):
+            sent = earlier.get(key) if key is not None else None
+            if sent is None:
+                keep.append(item)
+                continue
+            with logger.contextualize(file_id=item.record.id, file=item.record.name):
+                record = self.journal.update(item.record.id, **item.checked)
+                self.filer.quarantine(record, duplicate_reason(record, sent, window))
+        return keep
 
     def _split(self, record: FileRecord, fmt: FileFormat) -> FileRecord:
         """Cut a valid, oversized file into parts; each part becomes a file of its own.
@@ -264,13 +278,20 @@ def _hash_regular_file(path: Path, read: bool = True) -> tuple[int, str]:
         if exc.errno == 40:  # ELOOP: a symlink was swapped in
             raise _NotRegular("is a symbolic link") from None
         raise
+    if not read:
+        try:
+            info = os.fstat(fd)
+        finally:
+            os.close(fd)
+        problem = entry_problem(info.st_mode)
+        if problem:
+            raise _NotRegular(problem)
+        return info.st_size, ""
     with os.fdopen(fd, "rb") as handle:
         info = os.fstat(fd)
         problem = entry_problem(info.st_mode)
         if problem:
             raise _NotRegular(problem)
-        if not read:
-            return info.st_size, ""
         digest = hashlib.sha256()
         size = 0
         while chunk := handle.read(HASH_CHUNK):

@@ -470,17 +470,23 @@ class Journal:
             (FileState.QUEUED.value, first.id, max_size, now, *skip), f"ORDER BY id LIMIT {int(limit)}",
         )
 
-    def find_duplicate(self, sha256: str, import_type: str, since_iso: str,
-                       exclude_id: int) -> FileRecord | None:
-        """The latest other file with this content and type sent to the server since the given time."""
+    def find_duplicates(self, contents: Collection[tuple[str, str]],
+                        since_iso: str) -> dict[tuple[str, str], FileRecord]:
+        """For each (sha256, import_type): the latest file with that content and type sent to the
+        server since the given time (one query for a batch of checked files; files not yet sent,
+        such as the batch itself, never count)."""
+        hashes = tuple({sha256 for sha256, _import_type in contents})
+        if not hashes:
+            return {}
         unsent = tuple(s.value for s in (FileState.CLAIMED, FileState.QUEUED, FileState.UPLOADING,
                                          FileState.FAILED, FileState.SPLIT))
         rows = self._select(
-            "WHERE sha256 = ? AND import_type = ? AND id != ? AND created_at >= ?"
+            f"WHERE sha256 IN ({', '.join('?' * len(hashes))}) AND created_at >= ?"
             f" AND state NOT IN ({', '.join('?' * len(unsent))})",
-            (sha256, import_type, exclude_id, since_iso, *unsent), "ORDER BY id DESC LIMIT 1",
+            (*hashes, since_iso, *unsent), "ORDER BY id",
         )
-        return rows[0] if rows else None
+        latest = {(str(row.sha256), str(row.import_type)): row for row in rows}  # the last id wins
+        return {key: latest[key] for key in contents if key in latest}
 
     def restart_attempts(self, states: tuple[FileState, ...]) -> None:
         """Make files in these states due now with a fresh attempt count (earlier tries stay in events)."""

@@ -126,6 +126,44 @@ def test_batched_claim_commits_rows_then_moves_and_forgets_vanished_files(tmp_pa
         journal.close()
 
 
+def test_batched_queue_refuses_content_sent_recently(tmp_path: Path) -> None:
+    """The duplicate check runs once for a claim batch; a duplicate goes to failed/, the others are
+    queued, and a single check (recovery) of a duplicate returns its failed row."""
+    from agent.intake import Intake
+    from agent.watch import DropScanner
+
+    config = make_config(tmp_path)
+    for folder in (config.paths.drop, config.spool_dir):
+        folder.mkdir(parents=True)
+    journal = Journal(config.journal_path)
+    intake = Intake(config, journal, Filer(config, journal), DropScanner(config.paths.drop, []), lambda: None)
+    sent_text = "accountId,id,email\nacct-9,u9,z@example.com\n"
+    first = config.paths.drop / "users_first.csv"
+    first.write_text(sent_text)
+    intake.claim_many([(first, None)])
+    [sent] = journal.all()
+    journal.update(sent.id, state=FileState.ARCHIVED)  # it went to the server
+    names = {"users_new.csv": "accountId,id,email\nacct-1,u1,a@example.com\n",
+             "users_again.csv": sent_text,
+             "users_more.csv": "accountId,id,email\nacct-2,u2,b@example.com\n"}
+    for name, text in names.items():
+        (config.paths.drop / name).write_text(text)
+    try:
+        intake.claim_many([(config.paths.drop / name, None) for name in names])
+        states = {row.name: row.state for row in journal.all()}
+        assert states == {"users_first.csv": FileState.ARCHIVED, "users_new.csv": FileState.QUEUED,
+                          "users_again.csv": FileState.FAILED, "users_more.csv": FileState.QUEUED}
+        reason = (config.paths.failed / "users_again.csv.reason.txt").read_text()
+        assert f"file #{sent.id}" in reason and "saasquatch-agent retry" in reason
+
+        third = config.paths.drop / "users_third.csv"
+        claimed = journal.add_claim(third.name, third, config.spool_dir)
+        Path(claimed.local_path).write_text(sent_text)  # claimed before a crash: recovery checks it
+        assert intake.check(claimed).state == FileState.FAILED
+    finally:
+        journal.close()
+
+
 @pytest.mark.timeout(90)
 def test_run_once_with_three_upload_threads_sends_each_file_once(sshd_server: SshdServer,
                                                                  tmp_path: Path) -> None:
