@@ -12,6 +12,8 @@ _REPO = str(Path(__file__).resolve().parent.parent)
 if _REPO not in sys.path:  # `tests.helpers` importable under a bare `pytest` too
     sys.path.insert(0, _REPO)
 
+from agent.keys import write_new_keypair  # noqa: E402
+from agent.sandbox import SandboxServer  # noqa: E402
 from tests.helpers.sshd import SshdServer  # noqa: E402
 from tests.helpers.tcp_proxy import TcpProxy  # noqa: E402
 
@@ -40,3 +42,17 @@ def sshd_proxy(sshd_server: SshdServer) -> Iterator[TcpProxy]:
 def proxy_known_hosts(sshd_server: SshdServer, sshd_proxy: TcpProxy, tmp_path: Path) -> Path:
     """A known_hosts file trusting ``sshd_server``'s host key at the proxy's port."""
     return sshd_server.write_known_hosts(tmp_path / "known_hosts_proxy", port=sshd_proxy.port)
+
+
+@pytest.fixture
+def sandbox(tmp_path: Path) -> Iterator[tuple[SandboxServer, Path]]:
+    """The asyncssh sandbox SFTP server (fault switches in `server.faults`) and the client key; its
+    files are under tmp_path/sftp-root (uploads: tmp_path/sftp-root/imports)."""
+    key = tmp_path / "keys" / "id_ed25519"
+    public_line = write_new_keypair(key)
+    server = SandboxServer(tmp_path / "sftp-root", "test_sandbox0tenant", public_line)
+    server.start()
+    try:
+        yield server, key
+    finally:
+        server.stop()

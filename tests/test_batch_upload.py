@@ -12,15 +12,13 @@ import json
 import os
 import re
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from agent.keys import write_new_keypair
 from agent.sandbox import SandboxServer
 from agent.upload import BATCH_FILE_MAX_BYTES
-from tests.helpers.agent_env import AgentEnv, wait_until
+from tests.helpers.agent_env import AgentEnv, sandbox_env, wait_until
 from tests.helpers.sshd import SshdServer
 from tests.helpers.tcp_proxy import TcpProxy
 
@@ -87,25 +85,6 @@ def run_once(env: AgentEnv) -> tuple[int, str]:
 def drop_all(env: AgentEnv, inputs: dict[str, bytes]) -> None:
     for name, data in inputs.items():
         env.drop_atomically(name, data)
-
-
-@pytest.fixture
-def sandbox(tmp_path: Path) -> Iterator[tuple[SandboxServer, Path]]:
-    key = tmp_path / "keys" / "id_ed25519"
-    public_line = write_new_keypair(key)
-    server = SandboxServer(tmp_path / "sftp-root", "test_batch0tenant", public_line)
-    server.start()
-    try:
-        yield server, key
-    finally:
-        server.stop()
-
-
-def sandbox_env(tmp_path: Path, server: SandboxServer, key: Path) -> AgentEnv:
-    known_hosts = tmp_path / "keys" / "known_hosts"
-    known_hosts.write_text(server.known_hosts_line() + "\n")
-    return AgentEnv(tmp_path / "agent", host=server.host, port=server.port, username="test_batch0tenant",
-                    private_key=key, known_hosts=known_hosts, remote_dir="/imports", settle_seconds=0)
 
 
 def sandbox_remote(tmp_path: Path) -> Path:

@@ -8,14 +8,12 @@ import random
 import shutil
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from agent.keys import write_new_keypair
 from agent.sandbox import SandboxServer
-from tests.helpers.agent_env import AgentEnv, wait_until
+from tests.helpers.agent_env import AgentEnv, sandbox_env, wait_until
 from tests.helpers.sshd import SshdServer
 from tests.helpers.tcp_proxy import TcpProxy
 
@@ -172,25 +170,6 @@ def test_sigterm_during_large_upload_then_restart_completes_once(proxied_env: Ag
         proxied_env.stop()
     assert remote_contents(sshd_server.local_remote_dir) == [big]
     assert temp_files(sshd_server.local_remote_dir) == []
-
-
-@pytest.fixture
-def sandbox(tmp_path: Path) -> Iterator[tuple[SandboxServer, Path]]:
-    key = tmp_path / "keys" / "id_ed25519"
-    public_line = write_new_keypair(key)
-    server = SandboxServer(tmp_path / "sftp-root", "test_faults0tenant", public_line)
-    server.start()
-    try:
-        yield server, key
-    finally:
-        server.stop()
-
-
-def sandbox_env(tmp_path: Path, server: SandboxServer, key: Path) -> AgentEnv:
-    known_hosts = tmp_path / "keys" / "known_hosts"
-    known_hosts.write_text(server.known_hosts_line() + "\n")
-    return AgentEnv(tmp_path / "agent", host=server.host, port=server.port, username="test_faults0tenant",
-                    private_key=key, known_hosts=known_hosts, remote_dir="/imports", settle_seconds=0)
 
 
 @pytest.mark.timeout(60)

@@ -129,3 +129,11 @@ class AgentEnv:
         temp.write_bytes(data)
         os.rename(temp, target_dir / name)
         return target_dir / name
+
+
+def sandbox_env(tmp_path: Path, server: Any, key: Path) -> AgentEnv:
+    """An AgentEnv under tmp_path/agent that uploads to the `sandbox` fixture's server (settle 0)."""
+    known_hosts = tmp_path / "keys" / "known_hosts"
+    known_hosts.write_text(server.known_hosts_line() + "\n")
+    return AgentEnv(tmp_path / "agent", host=server.host, port=server.port, username=server.username,
+                    private_key=key, known_hosts=known_hosts, remote_dir="/imports", settle_seconds=0)
