@@ -7,6 +7,7 @@ guarded by a lock, is shared by the daemon's threads; readers such as `status` o
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 import threading
 import time
@@ -78,6 +79,14 @@ _COLUMNS = (
     "updated_at", "force_resend",
 )
 _UPDATABLE = frozenset(_COLUMNS) - {"id", "created_at", "updated_at"}
+_STATE_INDEX = _COLUMNS.index("state")
+
+
+def _column_value(value: Any) -> Any:
+    """What SQLite stores for a field value: an enum's value, a path's text, else the value."""
+    if isinstance(value, StrEnum):
+        return value.value
+    return str(value) if isinstance(value, Path) else value
 
 
 def iso_utc(moment: datetime) -> str:
@@ -111,9 +120,9 @@ class FileRecord:
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> FileRecord:
-        values = dict(zip(_COLUMNS, row, strict=True))
-        values["state"] = FileState(values["state"])
-        return cls(**values)
+        values = list(row)  # in _COLUMNS order, which is the order of the fields above
+        values[_STATE_INDEX] = FileState(values[_STATE_INDEX])
+        return cls(*values)
 
     @property
     def label(self) -> str:
@@ -286,8 +295,11 @@ class Journal:
         return file_id
 
     def _log_event(self, file_id: int, now: str, state: str, message: str | None) -> None:
-        self._db.execute("INSERT INTO events (file_id, at, state, message) VALUES (?, ?, ?, ?)",
-                         (file_id, now, state, message))
+        self._log_events([(file_id, now, state, message)])
+
+    def _log_events(self, events: list[tuple[int, str, str, str | None]]) -> None:
+        """(file id, time, state, message) rows of the events table (inside a transaction)."""
+        self._db.executemany("INSERT INTO events (file_id, at, state, message) VALUES (?, ?, ?, ?)", events)
 
     def add_claim(self, name: str, source_path: Path, spool_dir: Path) -> FileRecord:
         """Write the row before the file moves, so a crash mid-claim is always found again."""
@@ -303,10 +315,11 @@ class Journal:
         with self._transaction():
             for index, source_path in enumerate(sources):
                 name = names[index] if names else source_path.name
-                file_id = self._insert(name, source_path, None, now, f"claimed from {source_path}")
-                self._db.execute("UPDATE files SET local_path = ? WHERE id = ?",
-                                 (str(spool_dir / f"{file_id:08d}"), file_id))
-                ids.append(file_id)
+                ids.append(self._insert(name, source_path, None, now, f"claimed from {source_path}"))
+            if ids:  # spool/<id>: known once the rows exist
+                self._db.execute(
+                    "UPDATE files SET local_path = ? || printf('%08d', id) WHERE id BETWEEN ? AND ?",
+                    (f"{spool_dir}{os.sep}", ids[0], ids[-1]))
         if not ids:
             return []
         return self._select("WHERE id BETWEEN ? AND ?", (ids[0], ids[-1]), "ORDER BY id")
@@ -338,9 +351,13 @@ class Journal:
         if not changes:
             return []
         now = utc_now_iso()
+        keys = tuple(changes[0][2])
         with self._transaction():
-            for file_id, message, fields in changes:
-                self._apply(file_id, now, message, fields)
+            if "state" in keys and all(tuple(fields) == keys for _id, _message, fields in changes):
+                self._apply_same(keys, now, changes)  # a batch moving to one step: two statements
+            else:
+                for file_id, message, fields in changes:
+                    self._apply(file_id, now, message, fields)
         if not fetch:
             return []
         ids = [file_id for file_id, _message, _fields in changes]
@@ -351,12 +368,26 @@ class Journal:
             raise KeyError(missing[0])
         return [by_id[file_id] for file_id in ids]
 
+    def _apply_same(self, keys: tuple[str, ...], now: str,
+                    changes: list[tuple[int, str | None, dict[str, Any]]]) -> None:
+        """`_apply` for rows that all change the same columns, state among them."""
+        unknown = set(keys) - _UPDATABLE
+        if unknown:
+            raise ValueError(f"not journal columns: {sorted(unknown)}")
+        assignments = "".join(f"{key} = ?, " for key in keys)
+        self._db.executemany(
+            f"UPDATE files SET {assignments}updated_at = ? WHERE id = ?",
+            [(*(_column_value(fields[key]) for key in keys), now, file_id)
+             for file_id, _message, fields in changes],
+        )
+        self._log_events([(file_id, now, _column_value(fields["state"]), message)
+                          for file_id, message, fields in changes])
+
     def _apply(self, file_id: int, now: str, message: str | None, fields: dict[str, Any]) -> None:
         unknown = set(fields) - _UPDATABLE
         if unknown:
             raise ValueError(f"not journal columns: {sorted(unknown)}")
-        values = {key: (val.value if isinstance(val, StrEnum) else val) for key, val in fields.items()}
-        values = {key: (str(val) if isinstance(val, Path) else val) for key, val in values.items()}
+        values = {key: _column_value(val) for key, val in fields.items()}
         assignments = "".join(f"{key} = ?, " for key in values)  # none: a message-only event
         self._db.execute(
             f"UPDATE files SET {assignments}updated_at = ? WHERE id = ?",

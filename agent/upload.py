@@ -337,8 +337,15 @@ def _read_claimed(path: Path) -> bytes | None:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
         return None
-    with os.fdopen(fd, "rb") as reader:
-        return reader.read()
+    try:
+        chunks = []
+        while chunk := os.read(fd, BATCH_MAX_BYTES):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def _describe_fault(exc: BaseException) -> str:
