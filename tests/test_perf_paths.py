@@ -141,3 +141,12 @@ def test_a_big_drop_folder_is_noticed_a_part_at_a_time(sshd_server: SshdServer, 
     assert agent.run_once() == 0
     assert len(env.archived_files()) == count
     assert len(waiting) >= count // limit and max(waiting) <= limit, waiting
+
+
+def test_journal_rows_map_onto_file_records_by_position() -> None:
+    """FileRecord.from_row builds records positionally: its fields must stay in _COLUMNS order."""
+    import dataclasses
+
+    from agent.journal import _COLUMNS, FileRecord
+
+    assert [field.name for field in dataclasses.fields(FileRecord)] == list(_COLUMNS)
