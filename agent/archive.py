@@ -7,7 +7,6 @@ then recorded as done. Recovery finishes whichever half a crash interrupted (`re
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import threading
 from collections.abc import Callable
@@ -17,7 +16,7 @@ from pathlib import Path
 from loguru import logger
 
 from agent.config import Config
-from agent.fsutil import durable_move, ensure_dir, fsync_dir, unique_path, write_durably
+from agent.fsutil import durable_move, durable_moves, ensure_dir, unique_path, write_durably
 from agent.journal import FileRecord, FileState, Journal
 
 
@@ -110,30 +109,23 @@ class Filer:
         single = [record for record in records if not self._plain_spool_file(record)]
         batch = [record for record in records if self._plain_spool_file(record)]
         done = {record.id: self.finish_move(record) for record in single}
-        folders: set[Path] = set()
         for folder in {Path(str(record.pending_path)).parent for record in batch}:
             ensure_dir(folder)
-        for record in batch:
-            source, dest = Path(record.local_path), Path(str(record.pending_path))
-            try:
-                os.rename(source, dest)
-            except OSError as exc:
-                if exc.errno != errno.EXDEV:
-                    raise
-                durable_move(source, dest)  # archive/ on another filesystem: copy, fsync, unlink
-            folders.update((source.parent, dest.parent))
-        for folder in folders:
-            fsync_dir(folder)
-        moved = self.journal.update_many([
+        errors = durable_moves([(Path(record.local_path), Path(str(record.pending_path)))
+                                for record in batch])
+        moved = [record for record, error in zip(batch, errors, strict=True) if error is None]
+        done.update((record.id, record) for record in self.journal.update_many([
             (record.id, None, {"state": FileState(str(record.pending_state)),
                                "local_path": record.pending_path, "pending_path": None,
                                "pending_state": None, "next_attempt_at": None})
-            for record in batch
-        ])
+            for record in moved
+        ]))
         with self._names_lock:
-            for record in batch:
+            for record in moved:
                 self._reserved.pop(Path(str(record.pending_path)), None)
-        done.update((record.id, record) for record in moved)
+        failure = next((error for error in errors if error is not None), None)
+        if failure is not None:  # those moved are recorded; the rest keep their intent and retry
+            raise failure
         return [done[record.id] for record in records]
 
     def _plain_spool_file(self, record: FileRecord) -> bool:

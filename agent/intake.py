@@ -8,7 +8,6 @@ applies the import rules and fixes the remote name before anything is sent.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import hashlib
 import os
 import shutil
@@ -24,7 +23,7 @@ from loguru import logger
 
 from agent.archive import Filer
 from agent.config import Config
-from agent.fsutil import durable_move, ensure_dir, fsync_dir
+from agent.fsutil import durable_moves, ensure_dir, fsync_dir
 from agent.imports.admission import PartOf, admit, part_numbers, spool_part_of
 from agent.imports.split import SplitError, split_file
 from agent.imports.types import FileFormat
@@ -74,30 +73,19 @@ class Intake:
         records = self.journal.add_claims(paths, spool)
         ensure_dir(spool)
         moved: list[FileRecord] = []
-        for record in records:
-            source, local = Path(record.source_path), Path(record.local_path)
-            try:
-                try:
-                    os.rename(source, local)
-                except OSError as exc:
-                    if exc.errno != errno.EXDEV:
-                        raise
-                    durable_move(source, local)  # another filesystem: copy, fsync, rename, unlink
-            except FileNotFoundError:
+        errors = durable_moves([(Path(record.source_path), Path(record.local_path)) for record in records])
+        for record, error in zip(records, errors, strict=True):
+            if isinstance(error, FileNotFoundError):
                 self.journal.delete(record.id)  # taken away by its writer before we could claim it
-                continue
-            except OSError as exc:
+            elif error is not None:
                 self.journal.delete(record.id)
-                logger.error("cannot claim {}: {}; it stays in drop/ and will be tried again", source,
-                             exc.strerror or exc)
-                continue
-            self.scanner.forget(source)
-            moved.append(record)
+                logger.error("cannot claim {}: {}; it stays in drop/ and will be tried again",
+                             record.source_path, error.strerror or error)
+            else:
+                self.scanner.forget(Path(record.source_path))
+                moved.append(record)
         if not moved:
             return
-        fsync_dir(spool)
-        for folder in {Path(record.source_path).parent for record in moved}:
-            fsync_dir(folder)
         ready: list[_Ready] = []  # checked files, queued with one commit
         since = time.monotonic()
         try:

@@ -24,7 +24,7 @@ from loguru import logger
 from agent import sftp_batch
 from agent.archive import Filer
 from agent.config import Config
-from agent.journal import FileRecord, FileState, Journal
+from agent.journal import FINAL_STATES, FileRecord, FileState, Journal
 from agent.sftp import (
     SFTP_WRITE_CHUNK,
     ConnectError,
@@ -117,9 +117,14 @@ class Uploader:
             self._publish_batch(records, results, redo)
         except Exception as exc:  # noqa: BLE001 - as in `process`: the files stay queued and retry
             for record in records:
-                if record.id not in results:
-                    with logger.contextualize(file_id=record.id, file=record.name):
-                        results[record.id] = self._retry_later(self.journal.get(record.id), exc)
+                if record.id in results:
+                    continue
+                current = self.journal.get(record.id)
+                if current.state in FINAL_STATES:  # filed before the fault (finish_moves records those)
+                    results[record.id] = current
+                    continue
+                with logger.contextualize(file_id=record.id, file=record.name):
+                    results[record.id] = self._retry_later(current, exc)
             redo.clear()
         for file_id in redo:
             record = self.journal.get(file_id)
