@@ -29,16 +29,9 @@ def durable_move(src: Path, dst: Path) -> None:
     of the source: a crash in between leaves two copies, never zero, and recovery keys on dst.
     """
     ensure_dir(dst.parent)
-    try:
-        os.rename(src, dst)
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-        rewrite_durably(src, dst, copy_bytes)
-        return
-    fsync_dir(dst.parent)
-    if src.parent != dst.parent:
-        fsync_dir(src.parent)
+    [error] = durable_moves([(src, dst)])
+    if error is not None:
+        raise error
 
 
 def durable_moves(moves: Sequence[tuple[Path, Path]]) -> list[OSError | None]:
