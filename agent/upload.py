@@ -155,6 +155,7 @@ class Uploader:
             for record, fine in zip(batch, ok, strict=True):
                 if not fine:
                     redo.append(record.id)
+            self.heartbeat()  # each step is progress (systemd watchdog)
             self._check_stop()
             return [record for record, fine in zip(batch, ok, strict=True) if fine]
 
@@ -166,7 +167,6 @@ class Uploader:
         batch = keep([size == record.size for size, record in zip(sizes, batch, strict=True)])
         self.journal.update_many([(record.id, f"renaming to {finals[record.id]}",
                                    {"state": FileState.PUBLISHING}) for record in batch], fetch=False)
-        self.heartbeat()
         errors = sftp_batch.renames(sftp, [(temps[record.id], finals[record.id]) for record in batch])
         batch = keep([error is None for error in errors])
         elapsed = time.monotonic() - started
