@@ -390,9 +390,10 @@ class SettleQueue:
                             "could not take {} file(s) starting with {}: {}; they stay in drop/ and are"
                             " tried again at the next rescan", len(batch), batch[0][0], exc)
                 # still "claiming": `run --once` never sees intake idle between two parts of drop/
-                refilled = bool(self.more_in_drop and self.refill and not self.pending_count())
-                if refilled and self.refill is not None:
-                    self.refill()
+                refill = self.refill if self.more_in_drop and not self.pending_count() else None
+                refilled = refill is not None
+                if refill is not None:
+                    refill()
             finally:
                 with self._cond:
                     self._claiming = False

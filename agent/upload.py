@@ -368,8 +368,8 @@ class SessionPool:
     A thread with work takes a connected session when one is free. When every session in use is
     busy it waits up to SPARE_CONNECTION_WAIT for one to come back before it opens another SSH
     connection (and for as long as a connection opened ahead takes): where a batch takes longer
-    than that (a slow link, a large file) more connections open, up to `upload.concurrency`; where
-    one connection keeps up (a trickle of files, loopback) the others are never opened.
+    than that (a slow link, a large file, a burst) more connections open, up to `upload.concurrency`;
+    where one connection keeps up (a trickle of files) the others are never opened.
     """
 
     def __init__(self, sessions: list[SftpSession], connect_timeout: float,
