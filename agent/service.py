@@ -22,7 +22,8 @@ from agent.lifecycle import TRACKED_STATES, Lifecycle
 from agent.logs import setup_logging
 from agent.sftp import SftpSession
 from agent.systemd import Notifier
-from agent.upload import Uploader, UploadWorker
+from agent.upload import Uploader
+from agent.upload_worker import UploadWorker
 from agent.watch import DropScanner, DropWatcher
 
 if TYPE_CHECKING:

@@ -20,7 +20,8 @@ from agent.archive import Filer
 from agent.config import Config, ConfigError, PathsConfig, SftpConfig, parse_config
 from agent.journal import FileRecord, FileState, Journal
 from agent.sftp import SftpSession
-from agent.upload import Uploader, UploadWorker
+from agent.upload import Uploader
+from agent.upload_worker import UploadWorker
 from tests.helpers.agent_env import AgentEnv
 from tests.helpers.sshd import SshdServer
 

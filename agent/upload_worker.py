@@ -1,0 +1,154 @@
+"""The upload threads draining the queue: each takes the oldest due file (or batch) no other holds."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from loguru import logger
+
+from agent.journal import FileRecord, FileState, Journal
+from agent.session_pool import SessionPool
+from agent.sftp import SftpSession
+from agent.upload import BATCH_FILE_MAX_BYTES, BATCH_MAX_BYTES, LOCAL_FAULT_PAUSE_SECONDS, Uploader
+
+
+class UploadWorker:
+    """The upload threads (`upload.concurrency`, each with its own SFTP session) draining the queue.
+
+    Each thread takes the oldest due file that no other thread holds: `_take` asks the journal with
+    the held ids excluded and adds the answer to them under one lock, so a file is handed to exactly
+    one thread at a time. Thread 1 uses the uploader's session; the others open their own.
+    """
+
+    def __init__(self, uploader: Uploader, journal: Journal, concurrency: int = 1) -> None:
+        self.uploader = uploader
+        self.journal = journal
+        self.concurrency = max(1, concurrency)
+        self._cond = threading.Condition()  # wake(): a generation count, so no thread misses a wake-up
+        self._generation = 0
+        self._claim_lock = threading.Lock()
+        self._claimed: set[int] = set()  # journal ids a thread is working on
+        self._threads = [threading.Thread(target=self._run, args=(index,), daemon=True,
+                                          name="upload" if index == 0 else f"upload-{index + 1}")
+                         for index in range(self.concurrency)]
+        self.busy = threading.Event()  # set while any thread holds a file
+        self.heartbeat_interval: float | None = None  # wake at least this often to ping the watchdog
+        self.preconnect = False  # `run --once`: one connection opens while intake checks the first files
+        config = uploader.config.sftp
+        self._sessions = SessionPool([uploader.session] + [SftpSession(config)
+                                                           for _ in range(self.concurrency - 1)],
+                                     config.connect_timeout)
+        # upload.batch_files; one at a time under sftp.bandwidth_limit (the batch path does not pace)
+        self.batch_files = 1 if uploader.config.sftp.bandwidth_limit else uploader.config.upload.batch_files
+
+    def wake(self) -> None:
+        with self._cond:
+            self._generation += 1
+            self._cond.notify_all()
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self, timeout: float) -> bool:
+        """Ask every upload thread to stop; True when all did within the timeout."""
+        self.uploader.stop_requested.set()
+        self._sessions.close()  # the idle connections now; one in use when its thread gives it back
+        self.wake()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in self._threads)
+
+    def _wait(self, seen: int, timeout: float | None) -> None:
+        """Sleep until `wake()` (unless one came since `seen` was read) or the timeout."""
+        interval = self.heartbeat_interval
+        if interval is not None:
+            timeout = interval if timeout is None else min(timeout, interval)
+        with self._cond:
+            if self._generation == seen and not self.uploader.stop_requested.is_set():
+                self._cond.wait(timeout)
+
+    def _take(self) -> tuple[list[FileRecord], float | None]:
+        """The oldest due file no other thread holds, with the small queued files after it (batch),
+        now held by this one; else nothing and when a file falls due."""
+        with self._claim_lock:
+            record, next_due = self.journal.next_sendable(exclude=self._claimed)
+            if record is None:
+                return [], next_due
+            batch = [record]
+            if (self.batch_files > 1 and record.state == FileState.QUEUED
+                    and (record.size or 0) <= BATCH_FILE_MAX_BYTES):
+                batch, total = [], 0
+                for candidate in self.journal.queued_after(record, self.batch_files, BATCH_FILE_MAX_BYTES,
+                                                           exclude=self._claimed):
+                    total += candidate.size or 0
+                    if batch and total > BATCH_MAX_BYTES:
+                        break
+                    batch.append(candidate)
+                if not batch or batch[0].id != record.id:  # it changed state in between: send it alone
+                    batch = [record]
+            self._claimed.update(member.id for member in batch)
+            self.busy.set()
+        return batch, None
+
+    def _release_all(self, records: list[FileRecord]) -> None:
+        for record in records:
+            self._release(record.id)
+
+    def _release(self, file_id: int) -> None:
+        with self._claim_lock:
+            self._claimed.discard(file_id)
+            if not self._claimed:
+                self.busy.clear()
+
+    def _run(self, index: int) -> None:
+        try:
+            if index == 0 and self.preconnect:
+                self._sessions.connect_ahead()
+            self._loop()
+        finally:
+            self.uploader.bind_session(None)
+
+    def _loop(self) -> None:
+        while not self.uploader.stop_requested.is_set():
+            self.uploader.heartbeat()
+            with self._cond:
+                seen = self._generation
+            hold = self.uploader.wait_for_connection_slot()
+            if hold > 0:
+                self._wait(seen, hold)
+                continue
+            batch, next_due = self._take()
+            if not batch:
+                self._wait(seen, None if next_due is None else max(0.0, next_due - time.time()))
+                continue
+            retry = False
+            try:
+                session = self._sessions.acquire()  # a connected one first (see SessionPool)
+            except InterruptedError:  # stopping
+                self._release_all(batch)
+                break
+            self.uploader.bind_session(session)
+            try:
+                if len(batch) == 1:
+                    with logger.contextualize(file_id=batch[0].id, file=batch[0].name):  # log lines name it
+                        results = [self.uploader.process(batch[0])]
+                else:
+                    results = self.uploader.process_batch(batch)
+                retry = any(result.next_attempt_at is not None for result in results)
+            except Exception:  # noqa: BLE001 - e.g. the journal's disk is full: keep the thread alive
+                logger.exception("{} could not be processed; trying again in {:.0f} s",
+                                 batch[0].label if len(batch) == 1 else f"a batch of {len(batch)} files",
+                                 LOCAL_FAULT_PAUSE_SECONDS)
+                self._sessions.release(session)
+                self._release_all(batch)
+                with self._cond:
+                    seen = self._generation  # the pause is not cut short by wake-ups during the attempt
+                self._wait(seen, LOCAL_FAULT_PAUSE_SECONDS)
+                continue
+            self._sessions.release(session)
+            self._release_all(batch)
+            if retry and self.concurrency > 1:
+                self.wake()  # its new due time: threads that were waiting without it look again
