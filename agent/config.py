@@ -70,6 +70,24 @@ class UploadConfig(_Section):
     # small files (<= 256 KiB) one thread sends together, each step pipelined and committed once for
     # all of them (agent/sftp_batch.py); 1 sends every file on its own
     batch_files: Annotated[int, Field(ge=1, le=256)] = 64
+    # the server-side name a file is written under before the rename that publishes it: {id} (the
+    # journal row, required: no two rows share a temporary name) and optionally {stem} (the remote
+    # name's readable stem). Hidden by default, so the server never takes a half-written file.
+    temp_name: str = ".{id}.part"
+    temp_dir: str = ""  # a server folder for temporary files ("" = remote_dir); renamed across on publish
+
+    @field_validator("temp_name")
+    @classmethod
+    def _temp_name_pattern(cls, value: str) -> str:
+        if "{id}" not in value:
+            raise ValueError("must contain {id} (the journal row), so no two files share a temporary name")
+        if "/" in value or value in (".", ".."):
+            raise ValueError("must be a file name, not a path (use upload.temp_dir for a folder)")
+        try:
+            value.format(id=1, stem="x")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"only {{id}} and {{stem}} may be used ({exc})") from None
+        return value
 
 
 class DaemonConfig(_Section):
