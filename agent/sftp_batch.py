@@ -14,6 +14,7 @@ file's OSError, so one file's refusal never fails the others.
 from __future__ import annotations
 
 import contextlib
+import errno
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -22,18 +23,14 @@ from typing import Any
 import paramiko
 from paramiko.sftp import (
     CMD_ATTRS,
-    CMD_CLOSE,
     CMD_EXTENDED,
-    CMD_FSTAT,
     CMD_HANDLE,
     CMD_OPEN,
     CMD_RENAME,
     CMD_STATUS,
-    CMD_WRITE,
     SFTP_FLAG_CREATE,
     SFTP_FLAG_TRUNC,
     SFTP_FLAG_WRITE,
-    int64,
 )
 
 RECEIVE_CHUNK = 64 * 1024  # the most one channel read takes
@@ -106,14 +103,26 @@ class PipelinedSFTPClient(paramiko.SFTPClient):  # type: ignore[misc]
             self._held = None
 
 
-class _Replies:
-    """Collects the replies `SFTPClient._read_response` hands over, by request id."""
+class ReplyCollector:
+    """Collects the replies `SFTPClient._read_response` hands over, by request id (any order)."""
 
     def __init__(self) -> None:
         self.by_number: dict[int, tuple[int, paramiko.Message]] = {}
 
     def _async_response(self, kind: int, message: paramiko.Message, number: int) -> None:
         self.by_number[number] = (kind, message)
+
+    def take(self) -> list[tuple[int, tuple[int, paramiko.Message]]]:
+        """The replies collected so far (request id, (kind, message)), handed over once."""
+        taken = list(self.by_number.items())
+        self.by_number.clear()
+        return taken
+
+
+def flush_held(sftp: paramiko.SFTPClient) -> None:
+    """Send requests a corked client still holds (before waiting for their replies)."""
+    if isinstance(sftp, PipelinedSFTPClient):
+        sftp._flush()
 
 
 def exchange(sftp: paramiko.SFTPClient, requests: Sequence[Request]) -> list[Reply]:
@@ -122,7 +131,7 @@ def exchange(sftp: paramiko.SFTPClient, requests: Sequence[Request]) -> list[Rep
     A connection fault (paramiko.SSHException, EOFError, socket errors) is raised as it comes:
     the caller treats the whole batch as interrupted. The caller bounds the bytes in flight.
     """
-    replies = _Replies()
+    replies = ReplyCollector()
     cork = sftp.corked() if isinstance(sftp, PipelinedSFTPClient) else contextlib.nullcontext()
     with cork:
         numbers = [sftp._async_request(replies, kind, *args) for kind, args in requests]
@@ -134,13 +143,20 @@ def exchange(sftp: paramiko.SFTPClient, requests: Sequence[Request]) -> list[Rep
 def _reply(sftp: paramiko.SFTPClient, kind: int, message: paramiko.Message) -> Reply:
     if kind != CMD_STATUS:
         return Reply(kind, message, None)
+    return Reply(kind, None, reply_error(sftp, kind, message))
+
+
+def reply_error(sftp: paramiko.SFTPClient, kind: int, message: paramiko.Message) -> OSError | None:
+    """What a reply means as paramiko would raise it: None for OK (or a non-status reply)."""
+    if kind != CMD_STATUS:
+        return None
     try:
         sftp._convert_status(message)
     except EOFError as exc:
-        return Reply(kind, None, OSError(str(exc)))
+        return OSError(str(exc))
     except OSError as exc:
-        return Reply(kind, None, exc)
-    return Reply(kind, None, None)
+        return exc
+    return None
 
 
 def open_for_writing(sftp: paramiko.SFTPClient, paths: Sequence[str]) -> list[bytes | OSError]:
@@ -156,36 +172,7 @@ def open_for_writing(sftp: paramiko.SFTPClient, paths: Sequence[str]) -> list[by
     return results
 
 
-def write_and_close(sftp: paramiko.SFTPClient, handles: Sequence[bytes], contents: Sequence[bytes],
-                    chunk: int) -> list[int | OSError]:
-    """Write each content through its handle from offset 0 in requests of `chunk` bytes, ask the
-    size the server then has (FSTAT), and close it: per file that size, or its first error.
-
-    Every write's status is read (paramiko's pipelined SFTPFile drops them), and the size is the
-    server's own answer, so a full remote disk or a short write shows either way. The FSTAT follows
-    the writes on the same handle, which servers answer in order; were one not to, the size would
-    come out short and the file would be sent again, never published short.
-    """
-    requests: list[Request] = []
-    owners: list[tuple[int, int]] = []  # (file index, request type)
-    for index, (handle, content) in enumerate(zip(handles, contents, strict=True)):
-        view = memoryview(content)
-        for offset in range(0, len(content), chunk):
-            requests.append((CMD_WRITE, (handle, int64(offset), bytes(view[offset:offset + chunk]))))
-            owners.append((index, CMD_WRITE))
-        requests += [(CMD_FSTAT, (handle,)), (CMD_CLOSE, (handle,))]
-        owners += [(index, CMD_FSTAT), (index, CMD_CLOSE)]
-    results: list[int | OSError] = [OSError("no size")] * len(handles)
-    failed: list[OSError | None] = [None] * len(handles)
-    for (index, kind), reply in zip(owners, exchange(sftp, requests), strict=True):
-        if reply.error is not None:
-            failed[index] = failed[index] or reply.error
-        elif kind == CMD_FSTAT:
-            results[index] = _size(reply)
-    return [error or result for error, result in zip(failed, results, strict=True)]
-
-
-def _size(reply: Reply) -> int | OSError:
+def reply_size(reply: Reply) -> int | OSError:
     if reply.kind == CMD_ATTRS and reply.message is not None:
         size = paramiko.SFTPAttributes._from_msg(reply.message).st_size
         return int(size) if size is not None else OSError("the server gave no size")
@@ -193,15 +180,18 @@ def _size(reply: Reply) -> int | OSError:
 
 
 def renames(sftp: paramiko.SFTPClient, pairs: Sequence[tuple[str, str]]) -> list[OSError | None]:
-    """`sftp.publish_rename` for many files: posix-rename, and plain rename where the server has no
-    posix-rename (its refusal carries no errno); per pair None when done, else the error."""
+    """Publish each (temporary, final) pair: posix-rename, and plain rename where the server does
+    not have posix-rename or refuses the request (a refusal without errno, or permission denied
+    from a server that denies the extension). Plain SFTP rename never replaces an existing name.
+    Per pair None when done, else the error of the last try."""
     results: list[OSError | None] = [
         reply.error for reply in exchange(
             sftp, [(CMD_EXTENDED, ("posix-rename@openssh.com", old, new)) for old, new in pairs])
     ]
-    unsupported = [index for index, error in enumerate(results) if error is not None and error.errno is None]
-    if unsupported:
-        plain = exchange(sftp, [(CMD_RENAME, pairs[index]) for index in unsupported])
-        for index, reply in zip(unsupported, plain, strict=True):
+    again = [index for index, error in enumerate(results)
+             if error is not None and error.errno in (None, errno.EACCES, errno.EPERM)]
+    if again:
+        plain = exchange(sftp, [(CMD_RENAME, pairs[index]) for index in again])
+        for index, reply in zip(again, plain, strict=True):
             results[index] = reply.error
     return results

@@ -1,51 +1,51 @@
-"""Upload: publish each queued file atomically under its fixed remote name.
+"""Upload: publish each queued file atomically under its fixed remote name, with exactly its checked bytes.
 
-Order for one file: the journal says UPLOADING before the first byte; the bytes go to a hidden
-temporary name; the remote size is checked; a rename publishes the final name; the journal says
-UPLOADED; the local copy is archived. A file found UPLOADING at the next attempt (a crash or a
-fault came in between) is first looked up remotely, so it is never published twice.
+Order for one file (a batch of small files takes the same steps together, agent.publish): the
+journal says UPLOADING before the first byte; the bytes go to the row's temporary name, hashed as
+they are read and every WRITE status read; the hash and size must equal the checked ones and the
+server must hold that size; the journal says PUBLISHING; a rename publishes the final name; the
+journal says UPLOADED; the local copy is archived. A file found UPLOADING or PUBLISHING at the next
+attempt (a crash or a fault came in between) is first looked up remotely, so it is never published
+twice. A file whose bytes changed after the check is never published: its temporary file is
+removed and it goes back to intake to be checked again once it is stable.
 """
 
 from __future__ import annotations
 
 import errno
-import os
 import posixpath
 import random
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import paramiko
 from loguru import logger
 
-from agent import sftp_batch
+from agent import publish, sftp_batch
 from agent.archive import Filer
-from agent.config import Config
+from agent.config import Config, ImportType
+from agent.imports.naming import readable_stem
 from agent.journal import FINAL_STATES, FileRecord, FileState, Journal
-from agent.sftp import (
-    SFTP_WRITE_CHUNK,
-    ConnectError,
-    PrivateKeyError,
-    SftpSession,
-    publish_rename,
-    remote_size,
-)
+from agent.sftp import ConnectError, PrivateKeyError, SftpSession, remote_size
 
 LOCAL_FAULT_PAUSE_SECONDS = 5.0
 BATCH_FILE_MAX_BYTES = 256 * 1024  # files up to this size are sent together (upload.batch_files)
 BATCH_MAX_BYTES = 4 * 1024 * 1024  # bytes of one batch in flight at most
-
+TEMP_STEM_CHARS = 60  # of the readable stem in a temporary name ({stem})
 
 
 class PermanentUploadError(Exception):
     """Retrying cannot fix this; the file goes to failed/ with this message."""
 
 
-def temporary_name(remote_name: str) -> str:
-    """Hidden, and not starting with an import prefix, so the server never takes it half-written."""
+class TransientUploadError(Exception):
+    """The server did not take this file this time (its words in the message); sent again later."""
+
+
+def legacy_temporary_name(remote_name: str) -> str:
+    """The temporary name of versions before upload.temp_name (looked for when resuming their rows)."""
     return f".{remote_name}.part"
 
 
@@ -68,10 +68,12 @@ class Uploader:
         # what follows a verified upload: archive now, or leave it to the status job (agent.lifecycle)
         self.after_upload: Callable[[FileRecord], FileRecord] = filer.archive
         self.on_published: Callable[[FileRecord, float], None] | None = None  # metrics: upload seconds
-        # the batch path (process_batch): with no status tracking, "uploaded" and the archive intent
-        # are one commit and the batch is filed together; after_archive then runs per file (compress)
+        # with no status tracking, "uploaded" and the archive intent are one commit and the files are
+        # filed together; after_archive then runs per file (compress)
         self.archive_on_publish = True
         self.after_archive: Callable[[FileRecord], FileRecord] = _unchanged
+        # a file whose bytes changed after the check: intake checks it again once it is stable
+        self.on_changed: Callable[[FileRecord], None] = _ignore
 
     @property
     def session(self) -> SftpSession:
@@ -87,35 +89,33 @@ class Uploader:
     def remote_dir(self) -> str:
         return self.config.sftp.remote_dir
 
+    def final_path(self, record: FileRecord) -> str:
+        return posixpath.join(self.remote_dir, str(record.remote_name))
+
+    def temp_path(self, record: FileRecord) -> str:
+        """upload.temp_name in upload.temp_dir (else remote_dir): derived from the row, so unique."""
+        stem = ""
+        if "{stem}" in self.config.upload.temp_name and record.import_type:
+            prefix = self.config.imports.prefixes.for_type(ImportType(record.import_type))
+            stem = readable_stem(record.name, prefix)[:TEMP_STEM_CHARS]
+        name = self.config.upload.temp_name.format(id=record.id, stem=stem)
+        return posixpath.join(self.config.upload.temp_dir or self.remote_dir, name)
+
     def process(self, record: FileRecord) -> FileRecord:
         """One attempt at one file; any error becomes a retry or a refusal, never an exception."""
-        try:
-            if record.state == FileState.UPLOADED:
-                return self.after_upload(record)
-            record = self._publish(record)
-            return self.after_upload(record)
-        except PermanentUploadError as exc:
-            return self.filer.quarantine(self.journal.get(record.id), str(exc))
-        except Exception as exc:  # noqa: BLE001 - every other fault is retried; the file stays queued
-            return self._retry_later(self.journal.get(record.id), exc)
+        return self.process_batch([record])[0]
 
     def process_batch(self, records: list[FileRecord]) -> list[FileRecord]:
-        """One attempt at several small `queued` files over this thread's connection.
+        """One attempt at one or more files over this thread's connection.
 
-        The steps are the single-file path's (uploading, temp name, size check, publishing,
-        rename, uploaded), each sent for every file before any reply is read (agent.sftp_batch) and
-        each committed once for the batch. A file whose own step fails is left in the state it
-        reached and gets a single-file attempt after the batch (`process`: resume, classify, retry
-        or refuse), so every fault keeps the meaning it has there. A connection fault makes every
-        file not yet published retry later, as it would one file.
+        A file already published goes on to archive; one an earlier attempt left uploading or
+        publishing is looked up remotely first; the rest are sent together (agent.publish). A
+        connection fault makes every file not yet published retry later, as it would one file.
         """
-        if len(records) == 1:
-            return [self.process(records[0])]
         results: dict[int, FileRecord] = {}
-        redo: list[int] = []
         try:
-            self._publish_batch(records, results, redo)
-        except Exception as exc:  # noqa: BLE001 - as in `process`: the files stay queued and retry
+            self._attempt(records, results)
+        except Exception as exc:  # noqa: BLE001 - every other fault is retried; the files stay queued
             for record in records:
                 if record.id in results:
                     continue
@@ -124,182 +124,179 @@ class Uploader:
                     results[record.id] = current
                     continue
                 with logger.contextualize(file_id=record.id, file=record.name):
-                    results[record.id] = self._retry_later(current, exc)
-            redo.clear()
-        for file_id in redo:
-            record = self.journal.get(file_id)
-            with logger.contextualize(file_id=record.id, file=record.name):
-                results[file_id] = self.process(record)
+                    results[record.id] = self._fault(current, exc)
         return [results[record.id] for record in records]
 
-    def _publish_batch(self, records: list[FileRecord], results: dict[int, FileRecord],
-                       redo: list[int]) -> None:
-        """The batch's steps; fills `results` with each file done and `redo` with each to try alone."""
+    def _attempt(self, records: list[FileRecord], results: dict[int, FileRecord]) -> None:
+        to_send: list[FileRecord] = []
+        found: list[tuple[FileRecord, str]] = []
+        for record in records:
+            with logger.contextualize(file_id=record.id, file=record.name):
+                if record.state == FileState.UPLOADED:
+                    results[record.id] = self.after_upload(record)
+                    continue
+                if record.state not in (FileState.UPLOADING, FileState.PUBLISHING):
+                    to_send.append(record)
+                    continue
+                try:
+                    outcome = self._resume(self._client(), record)
+                except (PermanentUploadError, TransientUploadError) as exc:
+                    results[record.id] = self._fault(record, exc)
+                    continue
+                if outcome is None:
+                    to_send.append(record)
+                else:
+                    found.append((record, outcome))
+        self._finish(found, results)
+        if to_send:
+            self._send(to_send, results)
+
+    def _send(self, records: list[FileRecord], results: dict[int, FileRecord]) -> None:
+        """The publish protocol for these files (agent.publish), each step for all of them at once."""
         sftp = self._client()
         started = time.monotonic()
-        contents = {}
-        for record in records:
-            content = _read_claimed(Path(record.local_path))
-            if content is None or len(content) != record.size:
-                redo.append(record.id)  # the single-file path says what is wrong with it
+        uploads = [publish.Upload(record, record.local_path, self.temp_path(record), self.final_path(record))
+                   for record in records]
+        self.journal.update_many([(upload.record.id, f"sending to {upload.final}",
+                                   {"state": FileState.UPLOADING}) for upload in uploads
+                                  if upload.record.state != FileState.UPLOADING], fetch=False)
+        pacer = publish.Pacer(self.stop_requested.is_set, self.heartbeat, self.config.sftp.bandwidth_limit,
+                              self.stop_requested.wait)
+        publish.open_all(sftp, uploads)
+        self._check_stop()
+        publish.write_all(sftp, uploads, self.session.write_request_size(sftp), pacer)
+        publish.close_all(sftp, uploads)
+        self.heartbeat()
+        self._check_stop()
+        complete = [upload for upload in uploads if upload.complete]
+        self.journal.update_many([(upload.record.id, f"renaming to {upload.final}",
+                                   {"state": FileState.PUBLISHING}) for upload in complete], fetch=False)
+        published = []
+        for upload, error in zip(complete, sftp_batch.renames(sftp, [(u.temp, u.final) for u in complete]),
+                                 strict=True):
+            if error is None:
+                published.append(upload)
             else:
-                contents[record.id] = content
-        finals = {record.id: posixpath.join(self.remote_dir, str(record.remote_name)) for record in records}
-        temps = {record.id: posixpath.join(self.remote_dir, temporary_name(str(record.remote_name)))
-                 for record in records}
-        batch = [record for record in records if record.id in contents]
-        self.journal.update_many([(record.id, f"sending to {finals[record.id]}",
-                                   {"state": FileState.UPLOADING}) for record in batch], fetch=False)
-
-        def keep(ok: list[bool]) -> list[FileRecord]:
-            for record, fine in zip(batch, ok, strict=True):
-                if not fine:
-                    redo.append(record.id)
-            self.heartbeat()  # each step is progress (systemd watchdog)
-            self._check_stop()
-            return [record for record, fine in zip(batch, ok, strict=True) if fine]
-
-        handles = sftp_batch.open_for_writing(sftp, [temps[record.id] for record in batch])
-        batch = keep([not isinstance(handle, OSError) for handle in handles])
-        sizes = sftp_batch.write_and_close(sftp, [h for h in handles if not isinstance(h, OSError)],
-                                           [contents[record.id] for record in batch],
-                                           self.session.write_request_size(sftp))
-        batch = keep([size == record.size for size, record in zip(sizes, batch, strict=True)])
-        self.journal.update_many([(record.id, f"renaming to {finals[record.id]}",
-                                   {"state": FileState.PUBLISHING}) for record in batch], fetch=False)
-        errors = sftp_batch.renames(sftp, [(temps[record.id], finals[record.id]) for record in batch])
-        batch = keep([error is None for error in errors])
+                upload.error, upload.step = error, "rename"
         elapsed = time.monotonic() - started
-        for record in batch:
+        for upload in published:
+            record = upload.record
             logger.bind(file_id=record.id, file=record.name).info(
-                "{} uploaded as {} ({} bytes in {:.2f} s, {} sent together)", record.label,
-                finals[record.id], record.size, elapsed, len(records))
+                "{} uploaded as {} ({} bytes in {:.2f} s{})", record.label, upload.final, record.size,
+                elapsed, f", {len(uploads)} sent together" if len(uploads) > 1 else "")
             if self.on_published is not None:  # metrics: each file's share of the batch's time
-                self.on_published(record, elapsed / len(batch))
-        published: dict[str, Any] = {"state": FileState.UPLOADED, "error": None}
+                self.on_published(record, elapsed / len(published))
+        self._finish([(upload.record, f"published as {upload.final}") for upload in published], results)
+        for upload in uploads:
+            if upload.record.id not in results:
+                with logger.contextualize(file_id=upload.record.id, file=upload.record.name):
+                    results[upload.record.id] = self._not_published(sftp, upload)
+
+    def _finish(self, published: list[tuple[FileRecord, str]], results: dict[int, FileRecord]) -> None:
+        """Record files as uploaded; with no status tracking, together with the archive intent (one
+        commit), then file them (recovery finishes a move a crash cut short: resume_move)."""
+        if not published:
+            return
+        done: dict[str, Any] = {"state": FileState.UPLOADED, "error": None}
         if not self.archive_on_publish:
-            for record in self.journal.update_many([(record.id, f"published as {finals[record.id]}",
-                                                     published) for record in batch]):
+            for record in self.journal.update_many([(record.id, message, done)
+                                                    for record, message in published]):
                 with logger.contextualize(file_id=record.id, file=record.name):
                     results[record.id] = self.after_upload(record)
             return
-        # "uploaded" and the archive intent in one commit: recovery finishes the move (resume_move)
         batch = self.journal.update_many([
-            (record.id, f"published as {finals[record.id]}",
-             {**published, "pending_path": self.filer.archive_destination(record),
-              "pending_state": FileState.ARCHIVED}) for record in batch])
+            (record.id, message, {**done, "pending_path": self.filer.archive_destination(record),
+                                  "pending_state": FileState.ARCHIVED}) for record, message in published])
         for record in self.filer.finish_moves(batch):
             logger.bind(file_id=record.id, file=record.name).info(
                 "{} archived to {}", record.label, record.local_path)
             with logger.contextualize(file_id=record.id, file=record.name):
                 results[record.id] = self.after_archive(record)
 
+    def _not_published(self, sftp: paramiko.SFTPClient, upload: publish.Upload) -> FileRecord:
+        """What happens to a file the protocol did not publish: checked again, refused, or retried."""
+        record = self.journal.get(upload.record.id)
+        if upload.changed is not None:
+            return self._changed(record, upload.changed)
+        if upload.unreadable is not None:
+            exc = upload.unreadable
+            return self._fault(record, PermanentUploadError(
+                f"the claimed copy {upload.local} could not be read ({exc.strerror or exc});"
+                " it was not sent"))
+        error = upload.error
+        if error is None:  # every step succeeded, yet the server holds another size
+            return self._fault(record, TransientUploadError(
+                f"the server holds {upload.remote_size} bytes of {upload.temp} after all {record.size} were"
+                " written and acknowledged; nothing was published; sending it again"))
+        words = error.strerror or str(error) or type(error).__name__
+        denied = error.errno in (errno.EACCES, errno.EPERM)
+        if upload.step == "open" and denied:
+            return self._fault(record, PermanentUploadError(
+                f"the server refused to create the temporary file {upload.temp} (permission denied);"
+                f" check that remote_dir {self.remote_dir!r} is the tenant's upload folder, or choose another"
+                " upload.temp_name / upload.temp_dir (some servers refuse hidden names)"))
+        if upload.step == "rename":
+            if remote_size(sftp, upload.final) is not None:
+                return self._fault(record, PermanentUploadError(
+                    f"the server already has {upload.final}; refusing to overwrite it (this file was not"
+                    f" published; its bytes stay in {upload.temp} on the server until it is retried)"))
+            if denied:
+                return self._fault(record, PermanentUploadError(
+                    f"the server refused the name {record.remote_name} (permission denied on renaming"
+                    f" {upload.temp})"))
+        return self._fault(record, TransientUploadError(
+            f"the server refused to {upload.step} {upload.temp} ({words}); nothing was published"))
+
+    def _changed(self, record: FileRecord, why: str) -> FileRecord:
+        """The local bytes are not those that were checked: nothing of them was published; intake
+        checks the file again from scratch once it is stable."""
+        logger.warning("{} changed after it was taken ({}); nothing of it was published; checking it"
+                       " again once it is stable", record.label, why)
+        record = self.journal.update(
+            record.id, state=FileState.CLAIMED, error=None, next_attempt_at=None,
+            message=f"changed after it was taken ({why}); checking it again")
+        self.on_changed(record)
+        return record
+
     def _check_stop(self) -> None:
         if self.stop_requested.is_set():
             raise InterruptedError("stopping: upload abandoned, it restarts at next start")
 
-    def _publish(self, record: FileRecord) -> FileRecord:
-        assert record.remote_name and record.size is not None
-        final = posixpath.join(self.remote_dir, record.remote_name)
-        temp = posixpath.join(self.remote_dir, temporary_name(record.remote_name))
-        sftp = self._client()
-        if record.state in (FileState.UPLOADING, FileState.PUBLISHING):
-            done = self._resume(sftp, record, temp, final)
-            if done is not None:
-                return done
-        else:
-            record = self.journal.update(record.id, state=FileState.UPLOADING,
-                                         message=f"sending to {final}")
-        started = time.monotonic()
-        self._send(sftp, Path(record.local_path), temp, record)
-        sent = remote_size(sftp, temp)
-        if sent != record.size:
-            raise OSError(
-                f"the server kept {sent} of {record.size} bytes of {temp} (is its disk full?);"
-                " sending again"
-            )
-        record = self.journal.update(record.id, state=FileState.PUBLISHING, message=f"renaming to {final}")
-        self._rename(sftp, record, temp, final)
-        elapsed = time.monotonic() - started
-        logger.info("{} uploaded as {} ({} bytes in {:.2f} s)", record.label, final, record.size, elapsed)
-        if self.on_published is not None:
-            self.on_published(record, elapsed)
-        return self.journal.update(record.id, state=FileState.UPLOADED, error=None,
-                                   message=f"published as {final}")
-
-    def _resume(self, sftp: paramiko.SFTPClient, record: FileRecord, temp: str,
-                final: str) -> FileRecord | None:
+    def _resume(self, sftp: paramiko.SFTPClient, record: FileRecord) -> str | None:
         """An earlier attempt got at least as far as sending: look at the server before sending again.
 
-        Returns the record once it is published, or None when the file must be sent (again).
+        Returns the journal message once the file is published (it is not sent again), or None
+        when it must be sent (again). The final name is this row's alone (unique in the journal).
         """
+        final, temp = self.final_path(record), self.temp_path(record)
         found = remote_size(sftp, final)
         if found == record.size:
             logger.info("{} was already published as {}; not sending it again", record.label, final)
-            return self.journal.update(record.id, state=FileState.UPLOADED, error=None,
-                                       message="found published on the server")
+            return "found published on the server"
         if found is not None:
             raise PermanentUploadError(
                 f"the server already has {final} with {found} bytes, not the {record.size} of this"
                 " file; refusing to overwrite it"
             )
         partial = remote_size(sftp, temp)
+        if partial is None and record.remote_name:  # a row of an older version: its temporary name
+            legacy = posixpath.join(self.remote_dir, legacy_temporary_name(record.remote_name))
+            if remote_size(sftp, legacy) is not None:
+                temp, partial = legacy, remote_size(sftp, legacy)
         if record.state == FileState.PUBLISHING:
+            # PUBLISHING is committed only after the bytes were hashed and the size checked
             if partial == record.size:  # complete and checked; only the rename was cut short
-                self._rename(sftp, record, temp, final)
-                return self.journal.update(record.id, state=FileState.UPLOADED, error=None,
-                                           message=f"published as {final}")
+                [error] = sftp_batch.renames(sftp, [(temp, final)])
+                if error is not None:
+                    raise TransientUploadError(f"renaming {temp} to {final} failed: {error}")
+                return f"published as {final}"
             if partial is None:  # renamed, and the server has already taken the final name away
                 logger.info("{} was renamed to {} and taken by the server; not sending it again",
                             record.label, final)
-                return self.journal.update(record.id, state=FileState.UPLOADED, error=None,
-                                           message="renamed before the crash; already taken by the server")
+                return "renamed before the crash; already taken by the server"
         if partial is not None:
             sftp.remove(temp)
         return None
-
-    def _rename(self, sftp: paramiko.SFTPClient, record: FileRecord, temp: str, final: str) -> None:
-        try:
-            publish_rename(sftp, temp, final)
-        except OSError as exc:
-            if exc.errno in (errno.EACCES, errno.EPERM):
-                raise PermanentUploadError(
-                    f"the server refused the name {record.remote_name} (permission denied on rename)"
-                ) from None
-            raise
-
-    def _send(self, sftp: paramiko.SFTPClient, local: Path, temp: str, record: FileRecord) -> None:
-        try:
-            fd = os.open(local, os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError as exc:
-            raise PermanentUploadError(
-                f"the claimed copy {local} could not be read ({exc.strerror}); it was not sent"
-            ) from None
-        with os.fdopen(fd, "rb") as reader:
-            request_size = self.session.write_request_size(sftp)  # limits@openssh.com, else 32 KiB
-            try:
-                remote = sftp.open(temp, "wb", bufsize=0)
-                remote.MAX_REQUEST_SIZE = request_size  # paramiko's per-WRITE cap, for this file only
-            except OSError as exc:
-                if exc.errno == errno.EACCES:
-                    raise PermanentUploadError(
-                        f"the server denied writing {temp} (permission denied); check that"
-                        f" remote_dir {self.remote_dir!r} is the upload folder for this tenant"
-                    ) from None
-                raise
-            limit = self.config.sftp.bandwidth_limit
-            chunk_size = min(SFTP_WRITE_CHUNK * 8, max(1024, limit // 4)) if limit else SFTP_WRITE_CHUNK * 8
-            started, sent = time.monotonic(), 0
-            with remote:
-                remote.set_pipelined(True)
-                while chunk := reader.read(chunk_size):
-                    if self.stop_requested.is_set():
-                        raise InterruptedError("stopping: upload abandoned, it restarts at next start")
-                    remote.write(chunk)
-                    sent += len(chunk)
-                    self.heartbeat()
-                    if limit:  # sftp.bandwidth_limit: never ahead of limit bytes per second on average
-                        self.stop_requested.wait(max(0.0, sent / limit - (time.monotonic() - started)))
 
     def _client(self) -> paramiko.SFTPClient:
         try:
@@ -307,8 +304,14 @@ class Uploader:
         except PrivateKeyError as exc:
             raise ConnectError(str(exc)) from None
 
+    def _fault(self, record: FileRecord, exc: BaseException) -> FileRecord:
+        """A refusal goes to failed/; anything else is retried later."""
+        if isinstance(exc, PermanentUploadError):
+            return self.filer.quarantine(self.journal.get(record.id), str(exc))
+        return self._retry_later(record, exc)
+
     def _retry_later(self, record: FileRecord, exc: BaseException) -> FileRecord:
-        if not isinstance(exc, (ConnectError, PermanentUploadError)):
+        if not isinstance(exc, (ConnectError, TransientUploadError)):
             self.session.drop()  # the connection may be in any state after a fault mid-operation
         reason = _describe_fault(exc)
         attempts = record.attempts + 1
@@ -332,29 +335,16 @@ def _no_heartbeat() -> None:
     return None
 
 
+def _ignore(_record: FileRecord) -> None:
+    return None
+
+
 def _unchanged(record: FileRecord) -> FileRecord:
     return record
 
 
-def _read_claimed(path: Path) -> bytes | None:
-    """The whole of a small claimed file (never through a link), or None when it cannot be read."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
-        return None
-    try:
-        chunks = []
-        while chunk := os.read(fd, BATCH_MAX_BYTES):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-
-
 def _describe_fault(exc: BaseException) -> str:
-    if isinstance(exc, (ConnectError, InterruptedError)):
+    if isinstance(exc, (ConnectError, InterruptedError, TransientUploadError)):
         return str(exc)
     if isinstance(exc, OSError) and exc.strerror:
         return f"{exc.strerror} ({type(exc).__name__})"

@@ -196,7 +196,7 @@ def test_remote_disk_full_is_retried_until_it_passes(sandbox: tuple[SandboxServe
     env.drop_atomically("users_full.csv", data)
     env.start()
     try:
-        assert wait_until(lambda: "is its disk full?" in env.log(), 20), env.log()
+        assert wait_until(lambda: "No space left on device" in env.log(), 20), env.log()
         assert env.states()["users_full.csv"] in ("queued", "uploading")  # kept, to be sent again
         server.faults.disk_full_after_bytes = None
         assert wait_until(lambda: len(env.archived_files()) == 1, 30), env.log()

@@ -12,7 +12,6 @@ import re
 import stat
 import subprocess
 import sys
-import time
 import types
 import urllib.request
 from pathlib import Path
@@ -21,7 +20,6 @@ import paramiko
 import pytest
 
 from agent.config import load_config
-from agent.upload import Uploader
 from tests.helpers.agent_env import REPO, AgentEnv, wait_until
 from tests.helpers.sshd import SshdServer, free_port
 
@@ -322,56 +320,24 @@ class _FakeClock:
         return False
 
 
-class _FakeRemote:
-    def __init__(self) -> None:
-        self.chunks: list[int] = []
-
-    def __enter__(self) -> _FakeRemote:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        return None
-
-    def set_pipelined(self, _on: bool) -> None:
-        return None
-
-    def write(self, data: bytes) -> None:
-        self.chunks.append(len(data))
-
-
-class _FakeSftp:
-    def __init__(self) -> None:
-        self.remote = _FakeRemote()
-
-    def open(self, _path: str, _mode: str, bufsize: int = -1) -> _FakeRemote:
-        return self.remote
-
-
-def test_bandwidth_limit_paces_the_upload(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bandwidth_limit_paces_the_upload(monkeypatch: pytest.MonkeyPatch) -> None:
     """bytes/s never ahead of sftp.bandwidth_limit: with a fake clock, the waits add up to size/limit."""
-    import agent.upload as upload
+    from agent import publish
 
-    config_path = tmp_path / "agent.toml"
-    config_path.write_text('[sftp]\nhost = "h"\nusername = "u"\nprivate_key = "k"\nknown_hosts = "kh"\n'
-                           "bandwidth_limit = 40000\n")
-    config = load_config(config_path)
-    local = tmp_path / "data.csv"
-    local.write_bytes(os.urandom(100_000))
     clock = _FakeClock()
-    monkeypatch.setattr(upload, "time", types.SimpleNamespace(monotonic=clock.monotonic, time=time.time))
-    filer = types.SimpleNamespace(archive=lambda record: record)
-    session = types.SimpleNamespace(write_request_size=lambda _sftp: 32768)  # a server without limits
-    uploader = Uploader(config, None, filer, session)  # type: ignore[arg-type]
-    monkeypatch.setattr(uploader.stop_requested, "wait", clock.wait)
+    monkeypatch.setattr(publish, "time", types.SimpleNamespace(monotonic=clock.monotonic))
     beats: list[int] = []
-    uploader.heartbeat = lambda: beats.append(1)
-    record = types.SimpleNamespace(id=1, name="data.csv", label="#1 'data.csv'", size=100_000)
-    sftp = _FakeSftp()
-    uploader._send(sftp, local, "/.r.part", record)  # type: ignore[arg-type]
-    assert sum(sftp.remote.chunks) == 100_000
-    assert max(sftp.remote.chunks) <= 10_000  # a quarter second of the limit at a time
+    pacer = publish.Pacer(lambda: False, lambda: beats.append(1), 40_000, clock.wait)
+    chunk = pacer.read_size()
+    assert chunk <= 10_000  # a quarter second of the limit at a time
+    chunks = [min(chunk, 100_000 - start) for start in range(0, 100_000, chunk)]
+    for size in chunks:
+        pacer.after(size)
     assert clock.now - 1000.0 == pytest.approx(100_000 / 40_000)
-    assert len(beats) == len(sftp.remote.chunks)  # the watchdog hears of every chunk
+    assert len(beats) == len(chunks)  # the watchdog hears of every chunk
+    stopping = publish.Pacer(lambda: True, lambda: None, 0, clock.wait)
+    with pytest.raises(InterruptedError):
+        stopping.after(1)
 
 
 def test_bandwidth_limited_upload_end_to_end(sshd_server: SshdServer, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import posixpath
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from agent.archive import Filer
 from agent.config import load_config
 from agent.journal import FileRecord, FileState, Journal
 from agent.sftp import SftpSession
-from agent.upload import Uploader, temporary_name
+from agent.upload import Uploader
 from tests.helpers.agent_env import AgentEnv
 from tests.helpers.sshd import SshdServer
 
@@ -44,7 +45,7 @@ def interrupted(uploader: Uploader, state: FileState) -> FileRecord:
 def test_publishing_with_complete_temp_only_renames(uploader: Uploader, sshd_server: SshdServer) -> None:
     record = interrupted(uploader, FileState.PUBLISHING)
     assert record.remote_name
-    temp = sshd_server.local_remote_dir / temporary_name(record.remote_name)
+    temp = sshd_server.local_remote_dir / posixpath.basename(uploader.temp_path(record))
     temp.write_bytes(DATA)
     stamp = temp.stat().st_mtime_ns
     done = uploader.process(record)
@@ -66,7 +67,7 @@ def test_publishing_with_nothing_left_means_the_server_took_it(uploader: Uploade
 def test_uploading_with_partial_temp_sends_again(uploader: Uploader, sshd_server: SshdServer) -> None:
     record = interrupted(uploader, FileState.UPLOADING)
     assert record.remote_name
-    (sshd_server.local_remote_dir / temporary_name(record.remote_name)).write_bytes(DATA[:5])
+    (sshd_server.local_remote_dir / posixpath.basename(uploader.temp_path(record))).write_bytes(DATA[:5])
     done = uploader.process(record)
     assert done.state == FileState.ARCHIVED
     assert [p.name for p in sshd_server.local_remote_dir.iterdir()] == [record.remote_name]

@@ -2,11 +2,13 @@
 
 Three real servers: OpenSSH sshd (states 261120 bytes in 9.2), the asyncssh sandbox (states 4 MiB)
 and paramiko's own SFTP server (no limits@openssh.com: the fallback). Each upload goes through
-`Uploader._send`; the sandbox and the paramiko server count the WRITE requests they received.
+the publish protocol (agent.publish); the sandbox and the paramiko server count the WRITEs they got.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
 import socket
 import threading
@@ -19,6 +21,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from agent import publish
 from agent.archive import Filer
 from agent.config import Config, PathsConfig, SftpConfig
 from agent.journal import FileRecord, Journal
@@ -58,8 +61,16 @@ def make_uploader(tmp_path: Path, sftp: SftpConfig) -> tuple[Uploader, Journal, 
 
 
 def send(uploader: Uploader, record: FileRecord, remote: str) -> paramiko.SFTPClient:
+    """The publish protocol's open, write and close steps for one file (agent.publish)."""
     sftp = uploader.session.client()
-    uploader._send(sftp, Path(record.source_path), remote, record)
+    data = Path(record.source_path).read_bytes()
+    record = dataclasses.replace(record, size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    upload = publish.Upload(record, record.source_path, remote, remote + ".final")
+    pacer = publish.Pacer(lambda: False, lambda: None, 0, lambda _seconds: None)
+    publish.open_all(sftp, [upload])
+    publish.write_all(sftp, [upload], uploader.session.write_request_size(sftp), pacer)
+    publish.close_all(sftp, [upload])
+    assert upload.complete, (upload.error, upload.step, upload.remote_size)
     return sftp
 
 
@@ -75,8 +86,8 @@ def test_openssh_states_its_limit_and_gets_capped_writes(sshd_server: SshdServer
         assert uploader.session.write_request_size(sftp) == MAX_WRITE_REQUEST
         before = sftp.request_number
         send(uploader, record, f"{cfg.remote_dir}/payload.part")
-        # OPEN, PAYLOAD / 128 KiB WRITEs, CLOSE; the limit is not asked again on this connection
-        assert sftp.request_number - before == 2 + PAYLOAD // MAX_WRITE_REQUEST
+        # OPEN, PAYLOAD / 128 KiB WRITEs, FSTAT, CLOSE; the limit is not asked again on this connection
+        assert sftp.request_number - before == 3 + PAYLOAD // MAX_WRITE_REQUEST
         received = sshd_server.local_remote_dir / "payload.part"
         assert received.read_bytes() == Path(record.source_path).read_bytes()
     finally:
@@ -110,6 +121,10 @@ class _CountingHandle(paramiko.SFTPHandle):  # type: ignore[misc]
     def write(self, offset: int, data: bytes) -> Any:
         self.sizes.append(len(data))
         return super().write(offset, data)
+
+    def stat(self) -> Any:  # FSTAT: the publish protocol reads the size the server holds
+        self.writefile.flush()
+        return paramiko.SFTPAttributes.from_stat(os.fstat(self.writefile.fileno()))
 
 
 class _WriteOnlySftp(paramiko.SFTPServerInterface):  # type: ignore[misc]
