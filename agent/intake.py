@@ -51,6 +51,8 @@ class Intake:
         self.filer = filer
         self.scanner = scanner
         self.on_queued = on_queued
+        # a file that changed while it was checked waits to be stable, then is checked again
+        self.on_changed: Callable[[FileRecord], None] = lambda _record: None
 
     def claim_many(self, candidates: list[Candidate]) -> None:
         """Claim settled files as one batch: one commit for every row, then the renames, then one
@@ -101,6 +103,13 @@ class Intake:
         finally:  # a file whose check failed does not hold back those checked before it
             self._queue(ready)
 
+    def check_again(self, file_ids: list[int]) -> None:
+        """Claimed files whose bytes changed after an earlier check, now stable: checked from scratch."""
+        for file_id in file_ids:
+            record = self.journal.get(file_id)
+            if record.state == FileState.CLAIMED:  # not moved on meanwhile (e.g. by `retry`)
+                self.check(record)
+
     def check(self, record: FileRecord) -> FileRecord:
         """Hash the claimed file, apply the import rules, fix the remote name, queue it."""
         with logger.contextualize(file_id=record.id, file=record.name):  # log records name the file
@@ -137,9 +146,12 @@ class Intake:
         added to `ready` for `_queue`."""
         spool_path = Path(record.local_path)
         try:
-            size, _ = _hash_regular_file(spool_path, read=False)
+            before = _stat_regular(spool_path)
         except (_NotRegular, OSError) as exc:
             return self._unreadable(record, exc)
+        if before.st_nlink > 1:
+            return self.filer.quarantine(record, hard_link_reason(record.name, before.st_nlink))
+        size = before.st_size
         subfolder = subfolder_of(Path(record.source_path), self.config.paths.drop)
         # admit hashes while it validates (one read of the file, not two: bench/RESULTS.md round 2)
         verdict = admit(spool_path, record.name, subfolder, None, self.config.imports,
@@ -150,6 +162,15 @@ class Intake:
                 size, digest = _hash_regular_file(spool_path)
             except (_NotRegular, OSError) as exc:
                 return self._unreadable(record, exc)
+        try:
+            after = _stat_regular(spool_path)
+        except (_NotRegular, OSError) as exc:
+            return self._unreadable(record, exc)
+        if (after.st_size, after.st_mtime_ns, size) != (before.st_size, before.st_mtime_ns, after.st_size):
+            logger.warning("{} changed while it was being checked; checking it again once it is stable",
+                           record.label)
+            self.on_changed(record)
+            return record
         checked: dict[str, Any] = {"size": size, "sha256": digest, "import_type": verdict.import_type}
         if verdict.refusal is not None:
             record = self.journal.update(record.id, **checked)
@@ -182,24 +203,30 @@ class Intake:
                       subfolder_of(Path(parent.source_path), self.config.paths.drop), *numbers)
 
     def _refuse_duplicates(self, ready: list[_Ready]) -> list[_Ready]:
-        """File to failed/ each checked file whose content and type were sent within
-        imports.duplicate_window_days (unless `retry` forced it); the others, to be queued."""
+        """File to failed/ each checked file whose content and type another file not refused already
+        has (queued, being sent, sent, or earlier in this batch) within imports.duplicate_window_days,
+        unless `retry` forced it; the others, to be queued."""
         window = self.config.imports.duplicate_window_days
         keys = [None if item.record.force_resend else (str(item.record.sha256), str(item.record.import_type))
                 for item in ready]
         if window <= 0 or not any(keys):
             return ready
         since = iso_utc(datetime.now(UTC) - timedelta(days=window))
-        earlier = self.journal.find_duplicates({key for key in keys if key is not None}, since)
+        earlier = self.journal.find_duplicates({key for key in keys if key is not None}, since,
+                                               exclude={item.record.id for item in ready})
+        first: dict[tuple[str, str], tuple[FileRecord, str]] = {
+            key: (record, str(record.remote_name)) for key, record in earlier.items()}
         keep = []
         for item, key in zip(ready, keys, strict=True):
-            sent = earlier.get(key) if key is not None else None
-            if sent is None:
+            taken = first.get(key) if key is not None else None
+            if taken is None:
+                if key is not None:
+                    first[key] = (item.record, item.remote_name)  # later copies in this batch
                 keep.append(item)
                 continue
             with logger.contextualize(file_id=item.record.id, file=item.record.name):
                 record = self.journal.update(item.record.id, **item.checked)
-                self.filer.quarantine(record, duplicate_reason(record, sent, window))
+                self.filer.quarantine(record, duplicate_reason(record, *taken, window))
         return keep
 
     def _split(self, record: FileRecord, fmt: FileFormat) -> FileRecord:
@@ -232,14 +259,24 @@ class Intake:
         return self.journal.get(record.id)
 
 
-def duplicate_reason(record: FileRecord, earlier: FileRecord, window_days: float) -> str:
+def hard_link_reason(name: str, links: int) -> str:
     return (
-        f"{record.name} was not uploaded: the same content (SHA-256 {record.sha256}) was already sent"
+        f"{name} has {links} hard links: another name could change its bytes while it is being sent,"
+        " so it was not taken. Copy the file into drop/ (cp, or write it elsewhere and mv it in)"
+        " instead of linking it; nothing was sent."
+    )
+
+
+def duplicate_reason(record: FileRecord, earlier: FileRecord, sent_as: str, window_days: float) -> str:
+    where = (f"sent as {sent_as}" if earlier.state not in (FileState.CLAIMED, FileState.QUEUED,
+                                                           FileState.UPLOADING, FileState.PUBLISHING)
+             else f"now {earlier.state.value}, to be sent as {sent_as}")
+    return (
+        f"{record.name} was not uploaded: the same content (SHA-256 {record.sha256}) was already taken"
         f" as a {record.import_type} import within the last {window_days:g} days: file #{earlier.id}"
-        f" {earlier.name!r}, claimed {earlier.created_at}, sent as {earlier.remote_name}. Sending it"
-        f" again would import the same records twice. If that is what you want, run"
-        f" `saasquatch-agent retry {record.id}` (it forces the resend), or set"
-        " imports.duplicate_window_days = 0 to turn this check off."
+        f" {earlier.name!r}, claimed {earlier.created_at}, {where}. Sending it again would import the"
+        f" same records twice. If that is what you want, run `saasquatch-agent retry {record.id}` (it"
+        " forces the resend), or set imports.duplicate_window_days = 0 to turn this check off."
     )
 
 
@@ -257,7 +294,17 @@ class _Ready:
     deletes: int  # users a deletion file removes (logged as a warning)
 
 
-def _hash_regular_file(path: Path, read: bool = True) -> tuple[int, str]:
+def _stat_regular(path: Path) -> os.stat_result:
+    """lstat-like facts of a regular file, refusing anything else (no link followed, no FIFO blocks)."""
+    return _open_regular(path, read=False)[2]
+
+
+def _hash_regular_file(path: Path) -> tuple[int, str]:
+    size, digest, _info = _open_regular(path, read=True)
+    return size, digest
+
+
+def _open_regular(path: Path, read: bool) -> tuple[int, str, os.stat_result]:
     """Size and SHA-256, refusing anything but a regular file (no link is followed, no FIFO blocks).
     With read=False only the checks and the size (the SHA-256 is then "")."""
     try:
@@ -274,7 +321,7 @@ def _hash_regular_file(path: Path, read: bool = True) -> tuple[int, str]:
         problem = entry_problem(info.st_mode)
         if problem:
             raise _NotRegular(problem)
-        return info.st_size, ""
+        return info.st_size, "", info
     with os.fdopen(fd, "rb") as handle:
         info = os.fstat(fd)
         problem = entry_problem(info.st_mode)
@@ -285,20 +332,40 @@ def _hash_regular_file(path: Path, read: bool = True) -> tuple[int, str]:
         while chunk := handle.read(HASH_CHUNK):
             digest.update(chunk)
             size += len(chunk)
-    return size, digest.hexdigest()
+    return size, digest.hexdigest(), info
+
+
+WRITER_SILENCE_SECONDS = 600.0  # a file seen being written with no close for this long is taken anyway
+
+
+@dataclasses.dataclass
+class _Watched:
+    """A path waiting to settle: what was last seen of it and since when."""
+
+    candidate: Candidate
+    signature: tuple[int, int] | None  # (size, mtime_ns) last seen
+    since: float  # monotonic time that signature was first seen (or the writer closed the file)
+    writing: bool = False  # seen being written and not yet closed (inotify)
+    trust_mtime: bool = True  # an old mtime counts as settled (not after a close seen here)
+    file_id: int | None = None  # a claimed file to check again (changed after it was taken)
 
 
 class SettleQueue:
-    """Holds noticed paths until each has been unchanged for `settle_seconds`, then claims it.
+    """Holds noticed paths until each is finished, then claims it.
 
-    Waits on a condition variable, never polls: idle costs nothing.
+    A file seen being written (a `created` or `modified` event that changed it) is finished once its
+    writer closed it (inotify close-write) and it then stayed unchanged for `settle_seconds`; a file
+    found by a scan or renamed in is finished once unchanged for `settle_seconds` (by its mtime or
+    by our own watching). Claimed files whose bytes changed wait here the same way (`recheck`) and
+    are then checked again from scratch. Waits on a condition variable, never polls: idle costs nothing.
     """
 
-    def __init__(self, settle_seconds: float, claim_many: Callable[[list[Candidate]], object]) -> None:
+    def __init__(self, settle_seconds: float, claim_many: Callable[[list[Candidate]], object],
+                 check_again: Callable[[list[int]], object] | None = None) -> None:
         self.settle_seconds = settle_seconds
         self._claim_many = claim_many  # settled files claimed CLAIM_BATCH at a time (one commit)
-        # path -> (candidate, (size, mtime_ns) last seen, when that signature was first seen)
-        self._pending: dict[Path, tuple[Candidate, tuple[int, int] | None, float]] = {}
+        self._check_again = check_again  # claimed files that changed, now stable: checked again
+        self._pending: dict[Path, _Watched] = {}
         self._cond = threading.Condition()
         self._stopping = False
         self._claiming = False
@@ -312,14 +379,45 @@ class SettleQueue:
         with self._cond:
             return len(self._pending)
 
-    def notice(self, candidate: Candidate) -> bool:
-        """Watch this path until it settles; False when it is already watched."""
+    def notice(self, candidate: Candidate, event: str | None = None) -> bool:
+        """Watch this path until it is finished; False when it was already watched. `event` is the
+        watchdog event that named it (None: a scan)."""
+        path = candidate[0]
         with self._cond:
-            if candidate[0] in self._pending:
-                return False
-            self._pending[candidate[0]] = (candidate, None, time.monotonic())
+            watched = self._pending.get(path)
+            added = watched is None
+            now = time.monotonic()
+            if watched is None:
+                watched = self._pending[path] = _Watched(candidate, None, now)
+            if event in ("closed", "moved"):  # the writer is done: settle from now
+                watched.writing, watched.trust_mtime, watched.since = False, False, now
+            elif event in ("created", "modified"):
+                self._note_write(watched, event, now)
             self._cond.notify()
-            return True
+            return added
+
+    def recheck(self, file_id: int, path: Path) -> None:
+        """A claimed file whose bytes changed: check it again once it has been stable for the settle
+        time (and is closed, when a writer is seen)."""
+        with self._cond:
+            self._pending[path] = _Watched((path, None), None, time.monotonic(), trust_mtime=False,
+                                           file_id=file_id)
+            self._cond.notify()
+
+    @staticmethod
+    def _note_write(watched: _Watched, event: str, now: float) -> None:
+        """A created file is open for writing by its creator (unless it is a hard link: `ln` makes
+        one without writing); a modification that changed size or mtime is a write."""
+        try:
+            info = os.lstat(watched.candidate[0])
+        except OSError:
+            return
+        current = (info.st_size, info.st_mtime_ns)
+        if event == "created" and info.st_nlink > 1:
+            return
+        if event == "created" or current != watched.signature:
+            watched.writing, watched.trust_mtime = True, False
+            watched.signature, watched.since = current, now
 
     def start(self) -> None:
         self._thread.start()
@@ -335,33 +433,42 @@ class SettleQueue:
         with self._cond:
             return not self._pending and not self._claiming
 
-    def settled_now(self) -> list[Candidate]:
-        """Take every pending path that has settled."""
-        ready: list[Candidate] = []
+    def settled_now(self) -> list[_Watched]:
+        """Take every pending path that is finished."""
+        ready: list[_Watched] = []
         with self._cond:
             for path in list(self._pending):
                 if self._age(path) >= self.settle_seconds:
-                    ready.append(self._pending.pop(path)[0])
+                    ready.append(self._pending.pop(path))
             self._claiming = bool(ready)
         return ready
 
     def _age(self, path: Path) -> float:
-        """Seconds the file has been unchanged: by its mtime, or by our own watching of its size and
-        mtime (which copes with an mtime in the future). Infinite when it is gone or not a regular
-        file: claiming then decides what to say."""
+        """Seconds the file has been finished: 0 while a writer has it open; else unchanged for this
+        long by its mtime (unless a close was seen) or by our own watching of its size and mtime
+        (which copes with an mtime in the future). Infinite when it is gone or not a regular file:
+        claiming then decides what to say."""
         try:
             info = os.lstat(path)
         except OSError:
             return float("inf")
         if not stat.S_ISREG(info.st_mode):
             return float("inf")
-        candidate, signature, since = self._pending[path]
+        watched = self._pending[path]
         now = time.monotonic()
         current = (info.st_size, info.st_mtime_ns)
-        if current != signature:
-            self._pending[path] = (candidate, current, now)
-            since = now if signature is not None else since
-        return max(time.time() - info.st_mtime, now - since)
+        if current != watched.signature:
+            if watched.signature is not None:
+                watched.since = now
+            watched.signature = current
+        if watched.writing:
+            if now - watched.since < WRITER_SILENCE_SECONDS:
+                return 0.0
+            watched.writing = False
+            logger.warning("{} was seen being written and has not changed for {:.0f} s, but its writer was"
+                           " never seen closing it; taking it now", path, now - watched.since)
+        by_watching = now - watched.since
+        return max(time.time() - info.st_mtime, by_watching) if watched.trust_mtime else by_watching
 
     def _next_wait(self) -> float | None:
         if not self._pending:
@@ -381,14 +488,15 @@ class SettleQueue:
                     return
             try:
                 ready = self.settled_now()
-                for start in range(0, len(ready), CLAIM_BATCH):
-                    batch = ready[start:start + CLAIM_BATCH]
-                    try:
-                        self._claim_many(batch)
-                    except Exception as exc:  # noqa: BLE001 - one bad batch must not stop intake
-                        logger.opt(exception=exc).error(
-                            "could not take {} file(s) starting with {}: {}; they stay in drop/ and are"
-                            " tried again at the next rescan", len(batch), batch[0][0], exc)
+                again = [watched.file_id for watched in ready if watched.file_id is not None]
+                if again and self._check_again is not None:
+                    self._guarded(self._check_again, again, f"check again {len(again)} changed file(s)")
+                fresh = [watched.candidate for watched in ready if watched.file_id is None]
+                for start in range(0, len(fresh), CLAIM_BATCH):
+                    batch = fresh[start:start + CLAIM_BATCH]
+                    self._guarded(self._claim_many, batch,
+                                  f"take {len(batch)} file(s) starting with {batch[0][0]}; they stay in"
+                                  " drop/ and are tried again at the next rescan")
                 # still "claiming": `run --once` never sees intake idle between two parts of drop/
                 refill = self.refill if self.more_in_drop and not self.pending_count() else None
                 refilled = refill is not None
@@ -397,3 +505,10 @@ class SettleQueue:
             finally:
                 with self._cond:
                     self._claiming = False
+
+    @staticmethod
+    def _guarded(step: Callable[[Any], object], items: Any, what: str) -> None:
+        try:
+            step(items)
+        except Exception as exc:  # noqa: BLE001 - one bad batch must not stop intake
+            logger.opt(exception=exc).error("could not {}: {}", what, exc)

@@ -180,10 +180,19 @@ class Journal:
         self.sendable_states: tuple[FileState, ...] = ACTIVE_STATES
 
     def _migrate(self) -> None:
-        """Add columns that journals made by older versions lack."""
+        """Add columns and indexes that journals made by older versions lack."""
         present = {row[1] for row in self._db.execute("PRAGMA table_info(files)")}
         if "force_resend" not in present:
             self._db.execute("ALTER TABLE files ADD COLUMN force_resend INTEGER NOT NULL DEFAULT 0")
+        indexed = self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'files_remote_name'").fetchone()
+        if indexed is None:
+            # No two rows share a remote name. Rows of older versions that did are left as history:
+            # the rule holds from the last of them on.
+            floor = self._db.execute(
+                "SELECT COALESCE(MAX(id), 0) FROM files WHERE remote_name IN (SELECT remote_name FROM files"
+                " WHERE remote_name IS NOT NULL GROUP BY remote_name HAVING COUNT(*) > 1)").fetchone()[0]
+            self._db.execute(f"CREATE UNIQUE INDEX files_remote_name ON files (remote_name)"
+                             f" WHERE remote_name IS NOT NULL AND id > {int(floor)}")
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -353,6 +362,8 @@ class Journal:
         now = utc_now_iso()
         keys = tuple(changes[0][2])
         with self._transaction():
+            if any("remote_name" in fields for _id, _message, fields in changes):
+                changes = self._unique_remote_names(changes)
             if "state" in keys and all(tuple(fields) == keys for _id, _message, fields in changes):
                 self._apply_same(keys, now, changes)  # a batch moving to one step: two statements
             else:
@@ -367,6 +378,32 @@ class Journal:
         if missing:
             raise KeyError(missing[0])
         return [by_id[file_id] for file_id in ids]
+
+    def _unique_remote_names(self, changes: list[tuple[int, str | None, dict[str, Any]]]
+                             ) -> list[tuple[int, str | None, dict[str, Any]]]:
+        """Each new remote name made unique across the journal and the batch (inside the
+        transaction): a name another row holds gets `-2`, `-3`, ... before its extension."""
+        taken: set[str] = set()
+        out = []
+        for file_id, message, fields in changes:
+            name = fields.get("remote_name")
+            if name is not None:
+                name = self._free_remote_name(str(name), file_id, taken)
+                taken.add(name)
+                if message is not None:
+                    message = message.replace(str(fields["remote_name"]), name)
+                fields = {**fields, "remote_name": name}
+            out.append((file_id, message, fields))
+        return out
+
+    def _free_remote_name(self, name: str, file_id: int, taken: set[str]) -> str:
+        stem, dot, extension = name.rpartition(".")
+        candidate, number = name, 1
+        while candidate in taken or self._db.execute(
+                "SELECT 1 FROM files WHERE remote_name = ? AND id != ?", (candidate, file_id)).fetchone():
+            number += 1
+            candidate = f"{stem}-{number}{dot}{extension}" if dot else f"{name}-{number}"
+        return candidate
 
     def _apply_same(self, keys: tuple[str, ...], now: str,
                     changes: list[tuple[int, str | None, dict[str, Any]]]) -> None:
@@ -501,23 +538,22 @@ class Journal:
             (FileState.QUEUED.value, first.id, max_size, now, *skip), f"ORDER BY id LIMIT {int(limit)}",
         )
 
-    def find_duplicates(self, contents: Collection[tuple[str, str]],
-                        since_iso: str) -> dict[tuple[str, str], FileRecord]:
-        """For each (sha256, import_type): the latest file with that content and type sent to the
-        server since the given time (one query for a batch of checked files; files not yet sent,
-        such as the batch itself, never count)."""
+    def find_duplicates(self, contents: Collection[tuple[str, str]], since_iso: str,
+                        exclude: Collection[int] = ()) -> dict[tuple[str, str], FileRecord]:
+        """For each (sha256, import_type): the first file with that content and type claimed since
+        the given time that was not refused (queued, being sent, sent or filed; one query for a batch
+        of checked files). `exclude`: the rows being checked now."""
         hashes = tuple({sha256 for sha256, _import_type in contents})
         if not hashes:
             return {}
-        unsent = tuple(s.value for s in (FileState.CLAIMED, FileState.QUEUED, FileState.UPLOADING,
-                                         FileState.FAILED, FileState.SPLIT))
+        skip = tuple(exclude)
+        not_these = f" AND id NOT IN ({', '.join('?' * len(skip))})" if skip else ""
         rows = self._select(
-            f"WHERE sha256 IN ({', '.join('?' * len(hashes))}) AND created_at >= ?"
-            f" AND state NOT IN ({', '.join('?' * len(unsent))})",
-            (*hashes, since_iso, *unsent), "ORDER BY id",
+            f"WHERE sha256 IN ({', '.join('?' * len(hashes))}) AND created_at >= ? AND state != ?{not_these}",
+            (*hashes, since_iso, FileState.FAILED.value, *skip), "ORDER BY id DESC",
         )
-        latest = {(str(row.sha256), str(row.import_type)): row for row in rows}  # the last id wins
-        return {key: latest[key] for key in contents if key in latest}
+        first = {(str(row.sha256), str(row.import_type)): row for row in rows}  # the lowest id wins
+        return {key: first[key] for key in contents if key in first}
 
     def restart_attempts(self, states: tuple[FileState, ...]) -> None:
         """Make files in these states due now with a fresh attempt count (earlier tries stay in events)."""

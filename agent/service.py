@@ -17,7 +17,7 @@ from agent.archive import Filer
 from agent.config import Config, ConfigError, load_config
 from agent.fsutil import ensure_dir
 from agent.intake import NOTICE_LIMIT, Intake, SettleQueue
-from agent.journal import ACTIVE_STATES, FileState, Journal
+from agent.journal import ACTIVE_STATES, FileRecord, FileState, Journal
 from agent.lifecycle import TRACKED_STATES, Lifecycle
 from agent.logs import setup_logging
 from agent.sftp import SftpSession
@@ -55,8 +55,12 @@ class Agent:
         self.worker = UploadWorker(self.uploader, self.journal, config.upload.concurrency)
         self.lifecycle = Lifecycle(config, self.journal, self.filer, self.uploader)  # after the upload
         self.intake = Intake(config, self.journal, self.filer, self.scanner, self.worker.wake)
-        self.settle = SettleQueue(config.watch.settle_seconds, self.intake.claim_many)
+        self.settle = SettleQueue(config.watch.settle_seconds, self.intake.claim_many,
+                                  self.intake.check_again)
         self.settle.refill = self.rescan
+        # a file whose bytes changed after it was taken waits until stable, then is checked again
+        self.intake.on_changed = self._check_again_when_stable
+        self.uploader.on_changed = self._check_again_when_stable
         self.watcher: DropWatcher | None = None
         self.scheduler: BackgroundScheduler | None = None
 
@@ -80,6 +84,9 @@ class Agent:
             else:
                 logger.bind(file_id=record.id, file=record.name).info(
                     "{} resumes in state {}", record.label, record.state.value)
+
+    def _check_again_when_stable(self, record: FileRecord) -> None:
+        self.settle.recheck(record.id, Path(record.local_path))
 
     def rescan(self) -> None:
         """Notice what is in drop/, up to NOTICE_LIMIT paths waiting at once; intake asks for the

@@ -16,6 +16,7 @@ from pathlib import Path
 from loguru import logger
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
 
 TEMPORARY_SUFFIXES = (".tmp", ".part", "~")
 MOVE_PAIRING_SECONDS = 0.02
@@ -117,8 +118,14 @@ class DropScanner:
                 yield Path(entry.path), subfolder
 
 
+Notice = Callable[[Candidate, str | None], object]  # a path, and the event that named it (None: a scan)
+
+
 class _Handler(FileSystemEventHandler):
-    def __init__(self, scanner: DropScanner, notice: Callable[[Candidate], object]) -> None:
+    """Hands each event about a candidate to intake with its kind: `created` and `modified` say a
+    writer may have it open, `closed` (inotify close-write) and `moved` (renamed in) say it is done."""
+
+    def __init__(self, scanner: DropScanner, notice: Notice) -> None:
         self.scanner = scanner
         self.notice = notice
 
@@ -126,18 +133,30 @@ class _Handler(FileSystemEventHandler):
         if event.event_type in ("opened", "closed_no_write", "deleted"):
             return
         raw = event.dest_path if event.event_type == "moved" else event.src_path
+        if not raw:  # moved out of drop/ (full events name no destination)
+            return
         path = Path(os.fsdecode(raw))
         candidate = self.scanner.locate(path)
         if candidate is not None:
-            self.notice(candidate)
+            self.notice(candidate, event.event_type)
+
+
+def _observer() -> BaseObserver:
+    """The platform's observer; on Linux with full move events, so a file renamed into drop/ from
+    outside is reported as moved in (complete), not as created (being written)."""
+    try:
+        observer: BaseObserver = Observer(generate_full_events=True)  # type: ignore[call-arg]
+    except TypeError:  # not inotify
+        observer = Observer()
+    return observer
 
 
 class DropWatcher:
     """watchdog observer on drop/ (recursive, so the type subfolders are seen too)."""
 
-    def __init__(self, scanner: DropScanner, notice: Callable[[Candidate], object]) -> None:
+    def __init__(self, scanner: DropScanner, notice: Notice) -> None:
         _shorten_inotify_move_pairing()
-        self.observer = Observer()
+        self.observer = _observer()
         self.observer.daemon = True
         self.observer.schedule(_Handler(scanner, notice), str(scanner.drop), recursive=True)
 
