@@ -20,6 +20,7 @@ import errno
 import functools
 import inspect
 import os
+import random
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -68,7 +69,20 @@ class SandboxFaults:
     disk_full_after_bytes: int | None = None
     no_posix_rename: bool = False
     stall_writes: bool = False
+    refuse_write_chance: float = 0.0  # each WRITE is refused (nothing written) with this probability
     counts: collections.Counter[str] = field(default_factory=collections.Counter)
+    # the refusals' random sequence: seeded (`seed`), so a failing run repeats
+    _rng: random.Random = field(default_factory=lambda: random.Random(0), repr=False)
+
+    def seed(self, value: int) -> None:
+        self._rng.seed(value)
+
+    def refuse_this_write(self) -> bool:
+        if self.refuse_write_chance <= 0:
+            return False
+        refused = self._rng.random() < self.refuse_write_chance
+        self.counts["refused_write"] += refused
+        return refused
 
     def reset(self) -> None:
         """Clear every fault and the request counts."""
@@ -76,6 +90,7 @@ class SandboxFaults:
         self.disk_full_after_bytes = None
         self.no_posix_rename = False
         self.stall_writes = False
+        self.refuse_write_chance = 0.0
         self.counts.clear()
 
 
@@ -147,6 +162,8 @@ class _SandboxSFTPServer(asyncssh.SFTPServer):
             await asyncio.sleep(_STALL_POLL)
         if self._owner.stopping:
             raise asyncssh.SFTPError(asyncssh.FX_FAILURE, "sandbox server is stopping")
+        if faults.refuse_this_write():
+            raise asyncssh.SFTPError(asyncssh.FX_FAILURE, "write refused (sandbox fault)")
         limit = self.faults.disk_full_after_bytes
         if limit is not None and offset + len(data) > limit:
             room = max(0, limit - offset)
