@@ -124,15 +124,12 @@ def backdate(folder: Path) -> None:
 
 
 def stage(sources: Path, drop: Path) -> int:
-    """Hard-link (or copy) every input into drop/; the masters stay for the next round."""
+    """Copy every input into drop/ (untimed); the masters stay for the next round. Not hard links: the
+    agent refuses a file with another name that could change it while it is sent."""
     drop.mkdir(parents=True, exist_ok=True)
     count = 0
     for entry in os.scandir(sources):
-        target = drop / entry.name
-        try:
-            os.link(entry.path, target)
-        except OSError:
-            shutil.copyfile(entry.path, target)
+        shutil.copy2(entry.path, drop / entry.name)
         count += 1
     return count
 
