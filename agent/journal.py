@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -18,6 +19,32 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
+
+SPOOL_NAME_BYTES = 120  # the original-name part of a spool name, at most (UTF-8)
+_SPOOL_NAME = re.compile(r"([0-9]{8,})(?:_(.*))?", re.DOTALL)
+
+
+def spool_name(file_id: int, name: str) -> str:
+    """`<id:08d>_<original name>`: a spool file says which row and which file it is, so a lost
+    journal strands nothing. The name is made one safe path component (no `/`, no control
+    characters) and kept under SPOOL_NAME_BYTES, its extension kept."""
+    safe = "".join(c if c.isprintable() and c not in "/\\" else "_" for c in name) or "_"
+    if len(safe.encode()) > SPOOL_NAME_BYTES:
+        stem, dot, ext = safe.rpartition(".")
+        ext = f".{ext}" if dot and stem and len(ext.encode()) <= 16 else ""
+        stem = safe[: len(safe) - len(ext)]
+        while len((stem + ext).encode()) > SPOOL_NAME_BYTES:
+            stem = stem[:-1]
+        safe = stem + ext
+    return f"{file_id:08d}_{safe}"
+
+
+def parse_spool_name(file_name: str) -> tuple[int, str] | None:
+    """(row id, original name) from a spool file name; an old `<id>` name gives the id as name."""
+    found = _SPOOL_NAME.fullmatch(file_name)
+    if not found:
+        return None
+    return int(found[1]), found[2] if found[2] else file_name
 
 
 class FileState(StrEnum):
@@ -58,7 +85,8 @@ CREATE TABLE IF NOT EXISTS files (
     next_attempt_at REAL,
     created_at TEXT NOT NULL,
     updated_at TEXT NOT NULL,
-    force_resend INTEGER NOT NULL DEFAULT 0
+    force_resend INTEGER NOT NULL DEFAULT 0,
+    adopted INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS files_state ON files (state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS files_state_id ON files (state, id);  -- next_sendable: oldest first, O(log n)
@@ -76,7 +104,7 @@ CREATE INDEX IF NOT EXISTS events_file ON events (file_id);
 _COLUMNS = (
     "id", "name", "source_path", "local_path", "pending_path", "pending_state", "size", "sha256",
     "import_type", "remote_name", "state", "attempts", "error", "next_attempt_at", "created_at",
-    "updated_at", "force_resend",
+    "updated_at", "force_resend", "adopted",
 )
 _UPDATABLE = frozenset(_COLUMNS) - {"id", "created_at", "updated_at"}
 _STATE_INDEX = _COLUMNS.index("state")
@@ -117,6 +145,7 @@ class FileRecord:
     created_at: str
     updated_at: str
     force_resend: int  # 1: the operator asked to send it even if the same content went recently
+    adopted: int = 0  # 1: found in spool/ with no row (journal lost or damaged) and taken up again
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> FileRecord:
@@ -147,6 +176,7 @@ class FileRecord:
             "local_path": self.local_path,
             "created_at": self.created_at,
             "updated_at": self.updated_at,
+            "adopted": bool(self.adopted),
         }
 
 
@@ -184,6 +214,8 @@ class Journal:
         present = {row[1] for row in self._db.execute("PRAGMA table_info(files)")}
         if "force_resend" not in present:
             self._db.execute("ALTER TABLE files ADD COLUMN force_resend INTEGER NOT NULL DEFAULT 0")
+        if "adopted" not in present:
+            self._db.execute("ALTER TABLE files ADD COLUMN adopted INTEGER NOT NULL DEFAULT 0")
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -309,20 +341,50 @@ class Journal:
     def add_claims(self, sources: list[Path], spool_dir: Path,
                    names: list[str] | None = None) -> list[FileRecord]:
         """`add_claim` for several files in one commit (intake claims a burst as one batch); each
-        row's spool path is spool/<id>."""
+        row's spool path is spool/`spool_name(id, name)`."""
         now = utc_now_iso()
         ids = []
+        spooled = []
         with self._transaction():
             for index, source_path in enumerate(sources):
                 name = names[index] if names else source_path.name
-                ids.append(self._insert(name, source_path, None, now, f"claimed from {source_path}"))
-            if ids:  # spool/<id>: known once the rows exist
-                self._db.execute(
-                    "UPDATE files SET local_path = ? || printf('%08d', id) WHERE id BETWEEN ? AND ?",
-                    (f"{spool_dir}{os.sep}", ids[0], ids[-1]))
+                file_id = self._insert(name, source_path, None, now, f"claimed from {source_path}")
+                ids.append(file_id)
+                spooled.append((str(spool_dir / spool_name(file_id, name)), file_id))
+            # spool/<id>_<name>: known once the rows exist
+            self._db.executemany("UPDATE files SET local_path = ? WHERE id = ?", spooled)
         if not ids:
             return []
         return self._select("WHERE id BETWEEN ? AND ?", (ids[0], ids[-1]), "ORDER BY id")
+
+    def adopt(self, file_id: int | None, name: str, source_path: Path, local_path: Path,
+              message: str) -> FileRecord:
+        """A `claimed` row, marked adopted, for a file found in the spool that no row names (the
+        journal was lost or damaged); with the given id (free, checked by the caller) or the next."""
+        now = utc_now_iso()
+        with self._transaction():
+            cursor = self._db.execute(
+                "INSERT INTO files (id, name, source_path, local_path, state, created_at, updated_at,"
+                " adopted) VALUES (?, ?, ?, ?, ?, ?, ?, 1)",
+                (file_id, name, str(source_path), str(local_path), FileState.CLAIMED.value, now, now),
+            )
+            new_id = int(cursor.lastrowid or 0)
+            self._log_event(new_id, now, FileState.CLAIMED.value, message)
+        return self.get(new_id)
+
+    def paths_under(self, folder: Path) -> set[str]:
+        """Every local or pending path of any row that lies in `folder` (one scan)."""
+        prefix = f"{folder}{os.sep}"
+        with self._reading() as reader:
+            rows = reader.execute(
+                "SELECT local_path, pending_path FROM files WHERE substr(local_path, 1, ?) = ?"
+                " OR substr(pending_path, 1, ?) = ?", (len(prefix), prefix, len(prefix), prefix),
+            ).fetchall()
+        return {str(path) for row in rows for path in row if path}
+
+    def has_id(self, file_id: int) -> bool:
+        with self._reading() as reader:
+            return reader.execute("SELECT 1 FROM files WHERE id = ?", (file_id,)).fetchone() is not None
 
     def add_parts(self, parent: FileRecord, parts: list[Path], parent_dest: Path,
                   parent_state: FileState) -> list[FileRecord]:

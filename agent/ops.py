@@ -19,7 +19,7 @@ from typing import Any
 from agent.config import Config, ImportType
 from agent.fsutil import durable_move
 from agent.imports.naming import remote_name
-from agent.journal import FileRecord, FileState, Journal
+from agent.journal import FileRecord, FileState, Journal, spool_name
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$", re.IGNORECASE)
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -72,7 +72,8 @@ def status_table(records: list[FileRecord], now: datetime | None = None) -> list
     lines = [f"{'ID':>5}  {'STATE':<10} {'TYPE':<18} {'AGE':>5}  {'NAME':<32} {'REMOTE NAME':<48} LAST ERROR"]
     for r in records:
         age = human_age((now - parse_time(r.created_at)).total_seconds())
-        error = " ".join((r.error or "").split())
+        error = " ".join((r.error or ("adopted from spool/: the journal had no row" if r.adopted else ""))
+                         .split())
         lines.append(f"{r.id:>5}  {r.state.value:<10} {r.import_type or '-':<18} {age:>5}  {r.name[:32]:<32}"
                      f" {(r.remote_name or '-')[:48]:<48} {error[:200]}")
     return lines
@@ -177,7 +178,7 @@ def retry(config: Config, journal: Journal, key: str) -> FileRecord:
         ids = ", ".join(f"#{r.id}" for r in candidates)
         raise OpsError(f"{key!r} names several failed files ({ids}); retry one by its ID")
     record = candidates[0]
-    spool = config.spool_dir / f"{record.id:08d}"
+    spool = config.spool_dir / spool_name(record.id, record.name)
     if record.pending_path and record.pending_state == FileState.QUEUED.value:
         return _finish_requeue(journal, record, "retry finished after an interruption")
     if record.pending_path:

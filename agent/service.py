@@ -13,6 +13,7 @@ from typing import IO, TYPE_CHECKING
 
 from loguru import logger
 
+from agent.adopt import reconcile_spool
 from agent.archive import Filer
 from agent.config import Config, ConfigError, load_config
 from agent.fsutil import ensure_dir
@@ -61,7 +62,11 @@ class Agent:
         self.scheduler: BackgroundScheduler | None = None
 
     def recover(self) -> None:
-        """Bring every unfinished row and the disk into agreement before any new work starts."""
+        """Bring every unfinished row and the disk into agreement before any new work starts: first
+        the spool files no row names are adopted (checked below like new files), then the moves
+        to failed/ that waited for it are finished, then each unfinished row."""
+        reconcile_spool(self.config, self.journal)
+        self.filer.resume_held()
         for record in self.journal.iter_unfinished():
             local_exists = os.path.lexists(record.local_path)
             if record.pending_path:
@@ -145,6 +150,7 @@ class Agent:
                     and not self.journal.count_below_attempts(self.journal.sendable_states, limit)):
                 break
             time.sleep(ONCE_POLL_SECONDS)
+        self.filer.resume_held()  # refused files whose move to failed/ waited for it
         done = (FileState.ARCHIVED, *(TRACKED_STATES if self.config.status.tracking else ()))
         total, not_done = self.journal.outcome(start_ids, first_new_id, done)
         self.stop()
