@@ -47,6 +47,27 @@ def parse_spool_name(file_name: str) -> tuple[int, str] | None:
     return int(found[1]), found[2] if found[2] else file_name
 
 
+class JournalError(Exception):
+    """The journal cannot be opened or read (damaged, not a database); the message is one line
+    that says what to do."""
+
+
+def journal_error(path: Path, exc: BaseException) -> JournalError | None:
+    """The operator's line for a damaged journal, or None when `exc` is another kind of fault
+    (locked, disk full: those are retried, not repaired)."""
+    text = str(exc)
+    damaged = ("malformed", "not a database", "file is encrypted", "disk image", "no such table",
+               "no such column", "database corrupt")
+    if isinstance(exc, JournalError):
+        return exc
+    if not isinstance(exc, sqlite3.DatabaseError) or not any(word in text for word in damaged):
+        return None
+    return JournalError(
+        f"the journal {path} is damaged ({text}); nothing was changed. Stop the agent, then run"
+        " `saasquatch-agent journal rebuild` (it moves the damaged file aside, restores the latest"
+        " backup and adopts the files in the spool); `saasquatch-agent journal check` shows what it finds")
+
+
 class FileState(StrEnum):
     CLAIMED = "claimed"  # row written; the file is being moved into the spool and checked
     QUEUED = "queued"  # in the spool, checked, remote name fixed, waiting to be sent
@@ -182,6 +203,15 @@ class FileRecord:
 
 class Journal:
     def __init__(self, path: Path, *, readonly: bool = False) -> None:
+        try:
+            self._connect(path, readonly)
+        except sqlite3.DatabaseError as exc:
+            problem = journal_error(path, exc)
+            if problem is None:
+                raise
+            raise problem from None
+
+    def _connect(self, path: Path, readonly: bool) -> None:
         self.path = path
         if readonly:
             self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
@@ -192,6 +222,8 @@ class Journal:
             self._db.executescript(_SCHEMA)
             self._migrate()
         self._db.execute("PRAGMA busy_timeout=10000")
+        if readonly:
+            self._db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()  # not a database: now
         self._lock = threading.Lock()  # the writing connection
         # Reads go through a second connection: in WAL mode it sees only committed rows, never the
         # changes of a group commit that is still being gathered (see _transaction).
@@ -604,6 +636,41 @@ class Journal:
         with self._reading() as reader:
             row = reader.execute("SELECT MAX(id) FROM files").fetchone()
         return int(row[0] or 0)
+
+    def backup(self, dest: Path) -> None:
+        """An online copy of the journal (SQLite's backup API, consistent while others write) at
+        dest: written to a staging name, checked, fsynced, then renamed over the previous backup
+        (the agent's own file, renewed on purpose). A copy that fails its check replaces nothing."""
+        from agent.fsutil import fsync_dir, place, staging_path
+
+        staging = staging_path(dest)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staging)
+        source = sqlite3.connect(self.path)
+        try:
+            target = sqlite3.connect(staging)
+            try:
+                source.backup(target)
+                target.execute("PRAGMA journal_mode=DELETE")
+                verdict = target.execute("PRAGMA quick_check").fetchone()[0]
+            finally:
+                target.close()
+        finally:
+            source.close()
+        try:
+            if verdict != "ok":
+                raise sqlite3.DatabaseError(f"the copy fails its check ({verdict})")
+            fd = os.open(staging, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            place(staging, dest, replace=True)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(staging)
+            raise
+        fsync_dir(dest.parent)
 
     def count_in(self, states: tuple[FileState, ...]) -> int:
         with self._reading() as reader:
