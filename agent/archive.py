@@ -77,7 +77,7 @@ class Filer:
             return False
         try:
             return not any(entry.startswith(prefix) for entry in os.listdir(folder))
-        except FileNotFoundError:
+        except OSError:  # no folder (yet), or not usable: the move into it says so (and waits)
             return True
 
     def archive_destination(self, record: FileRecord) -> Path:

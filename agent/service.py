@@ -46,8 +46,14 @@ class Agent:
     def __init__(self, config: Config) -> None:
         self.config = config
         paths = config.paths
-        for folder in (paths.state_dir, config.spool_dir, paths.archive, paths.failed):
+        for folder in (paths.state_dir, config.spool_dir):
             ensure_dir(folder)
+        for folder in (paths.archive, paths.failed):
+            try:
+                ensure_dir(folder)
+            except OSError as exc:  # files bound there wait in the spool until it works (no restart)
+                logger.error("{} is not usable ({}); files bound there wait in the spool until it is",
+                             folder, exc.strerror or exc)
         self._lock_file = take_lock(paths.state_dir / "agent.lock")
         self.journal = Journal(config.journal_path)
         self.filer = Filer(config, self.journal)

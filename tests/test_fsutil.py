@@ -140,3 +140,56 @@ def test_nothing_in_agent_renames_or_replaces_but_fsutil() -> None:
                 offenders.append(f"{path.relative_to(root.parent)}:{number}: {line.strip()}")
     allowed = {"agent/fsutil.py"}
     assert [o for o in offenders if o.split(":", 1)[0] not in allowed] == []
+
+
+def test_refused_file_waits_for_failed_folder_and_moves_on_without_restart(tmp_path: Path) -> None:
+    """failed/ unusable: the file stays in the spool with its intent; resume_held (the archive
+    job's first step) moves it once failed/ works again, in the same process."""
+    sftp = SftpConfig(host="127.0.0.1", username="u", private_key=tmp_path / "key",
+                      known_hosts=tmp_path / "known_hosts")
+    config = Config(sftp=sftp, paths=PathsConfig(drop=tmp_path / "drop", state_dir=tmp_path / "state",
+                                                 archive=tmp_path / "archive", failed=tmp_path / "failed"))
+    config.spool_dir.mkdir(parents=True)
+    config.paths.failed.write_text("not a folder")
+    journal = Journal(config.journal_path)
+    filer = Filer(config, journal)
+    try:
+        [record] = journal.add_claims([tmp_path / "drop" / "users_x.csv"], config.spool_dir)
+        Path(record.local_path).write_text("refused bytes")
+        held = filer.quarantine(record, "bad file")
+        assert held.state == FileState.FAILED and held.pending_path is not None
+        assert Path(held.local_path).read_text() == "refused bytes"
+        assert filer.resume_held() == 0  # still unusable: nothing moves, nothing lost
+        config.paths.failed.unlink()
+        assert filer.resume_held() == 1
+        done = journal.get(record.id)
+        assert done.pending_path is None and Path(done.local_path) == config.paths.failed / "users_x.csv"
+        assert Path(done.local_path).read_text() == "refused bytes"
+        assert (config.paths.failed / "users_x.csv.reason.txt").read_text() == "bad file\n"
+    finally:
+        journal.close()
+
+
+def test_reservation_covers_every_side_name(tmp_path: Path) -> None:
+    sftp = SftpConfig(host="127.0.0.1", username="u", private_key=tmp_path / "key",
+                      known_hosts=tmp_path / "known_hosts")
+    config = Config(sftp=sftp, paths=PathsConfig(drop=tmp_path / "drop", state_dir=tmp_path / "state",
+                                                 archive=tmp_path / "archive", failed=tmp_path / "failed"))
+    config.paths.failed.mkdir(parents=True)
+    journal = Journal(tmp_path / "j.sqlite3")
+    filer = Filer(config, journal)
+    try:
+        failed = config.paths.failed
+        (failed / "a.csv.reason.txt").write_text("x")  # a refused file of that name
+        assert filer._reserve(failed, "a.csv", "7").name == "a-7.csv"
+        (failed / "b.csv").write_text("x")
+        assert filer._reserve(failed, "b.csv.gz", "8").name == "b-8.csv.gz"  # a side name of b.csv
+        assert filer._reserve(failed, "b.csv.server.x", "9").name == "b-9.csv.server.x"
+        (failed / "c.csv.server.c.csv.status").write_text("x")
+        assert filer._reserve(failed, "c.csv", "10").name == "c-10.csv"
+        first = filer._reserve(failed, "d.csv", "11")
+        assert first.name == "d.csv"
+        assert filer._reserve(failed, "d.csv.errors.csv", "12").name == "d-12.csv.errors.csv"
+        assert filer._reserve(failed, "d.csv", "13").name == "d-13.csv"  # reserved for #11
+    finally:
+        journal.close()
