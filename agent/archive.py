@@ -16,8 +16,11 @@ from pathlib import Path
 from loguru import logger
 
 from agent.config import Config
-from agent.fsutil import durable_move, durable_moves, ensure_dir, unique_path, write_durably
+from agent.fsutil import durable_move, durable_moves, ensure_dir, write_durably
 from agent.journal import FileRecord, FileState, Journal
+
+SERVER_INFIX = ".server."  # <name>.server.<remote status file>: the server's files, downloaded
+SIDE_SUFFIXES = (".gz", ".reason.txt", ".errors.csv")  # with SERVER_INFIX: every name written beside one
 
 
 class Filer:
@@ -33,19 +36,57 @@ class Filer:
         self._split_lock = threading.Lock()  # moves out of spool/split-<id>/ and that folder's removal
 
     def _reserve(self, folder: Path, name: str, tag: str) -> Path:
-        """folder/name, or folder/<stem>-<tag><suffix> when that is taken or reserved (tag: the id)."""
+        """folder/name, or folder/<stem>-<tag><suffix> (then -<tag>-2, ...) when that is taken.
+
+        A name is free only when none of the names the agent may write for it (`side_names`: the
+        data, `.gz`, `.reason.txt`, `.errors.csv`, `.server.*`) exists or is reserved for another
+        file, and it is not itself a side name of an existing or reserved file (`foo.csv.gz` while
+        `foo.csv` is there). Reserved until the move into it is done (`finish_move`).
+        """
+        stem, dot, suffix = name.partition(".")
         with self._names_lock:
-            dest = unique_path(folder, name, tag)
-            if self._reserved.get(dest, tag) != tag:  # another file's; its own again after a failed move
-                stem, dot, suffix = name.partition(".")
-                dest = folder / (f"{stem}-{tag}{dot}{suffix}" if dot else f"{name}-{tag}")
-            self._reserved[dest] = tag
-            return dest
+            for attempt in range(1, 10_000):
+                candidate = (name if attempt == 1 else
+                             f"{stem}-{tag}{'' if attempt == 2 else f'-{attempt - 1}'}{dot}{suffix}")
+                if self._free(folder, candidate, tag):
+                    dest = folder / candidate
+                    self._reserved[dest] = tag
+                    return dest
+        raise FileExistsError(f"no free name for {name!r} in {folder}")
+
+    def _free(self, folder: Path, candidate: str, tag: str) -> bool:
+        """Called with _names_lock held."""
+        if self._reserved.get(folder / candidate) == tag:  # its own, again after a failed move
+            return True
+
+        def taken(name: str) -> bool:
+            path = folder / name
+            return path in self._reserved or os.path.lexists(path)
+
+        if any(taken(candidate + side) for side in ("", *SIDE_SUFFIXES)):
+            return False
+        bases = [candidate[:-len(side)] for side in SIDE_SUFFIXES if candidate.endswith(side)]
+        start = candidate.find(SERVER_INFIX)
+        while start > 0:  # <base>.server.<remote file>: every prefix that could be such a base
+            bases.append(candidate[:start])
+            start = candidate.find(SERVER_INFIX, start + 1)
+        if any(base and taken(base) for base in bases):
+            return False
+        prefix = candidate + SERVER_INFIX
+        if any(str(path.name).startswith(prefix) for path in self._reserved if path.parent == folder):
+            return False
+        try:
+            return not any(entry.startswith(prefix) for entry in os.listdir(folder))
+        except OSError:  # no folder (yet), or not usable: the move into it says so (and waits)
+            return True
 
     def archive_destination(self, record: FileRecord) -> Path:
         today = datetime.now(UTC)
         folder = self.config.paths.archive / f"{today:%Y}" / f"{today:%m}" / f"{today:%d}"
         return self._reserve(folder, record.name, str(record.id))
+
+    def failed_destination(self, record: FileRecord) -> Path:
+        return self._reserve(self.config.paths.failed, record.name, str(record.id))
 
     def archive(self, record: FileRecord) -> FileRecord:
         if record.pending_path and record.pending_state == FileState.ARCHIVED:
@@ -58,30 +99,72 @@ class Filer:
             "{} archived to {}", record.label, record.local_path)
         return record
 
-    def quarantine(self, record: FileRecord, reason: str, errors_csv: str | None = None) -> FileRecord:
-        """Move the file, unchanged, to failed/ with <name>.reason.txt (and .errors.csv) beside it."""
-        dest = self._reserve(self.config.paths.failed, record.name, str(record.id))
-        record = self.journal.update(
-            record.id, pending_path=dest, pending_state=FileState.FAILED, error=reason
-        )
-        if errors_csv is not None:
-            write_durably(dest.with_name(dest.name + ".errors.csv"), errors_csv)
-        write_durably(dest.with_name(dest.name + ".reason.txt"), reason.rstrip() + "\n")
-        if os.path.lexists(record.local_path):
-            record = self.finish_move(record)
+    def quarantine(self, record: FileRecord, reason: str, errors_csv: str | None = None, *,
+                   state: FileState = FileState.FAILED, dest: Path | None = None,
+                   message: str | None = None) -> FileRecord:
+        """Move the file, unchanged, to failed/ with <name>.reason.txt (and .errors.csv) beside it.
+
+        The destination is committed as an intent first; the side files are written after it, so
+        finishing an interrupted quarantine may write them again (they are this row's own). When
+        failed/ cannot take the file (not a folder, no permission, disk full) the row gets its
+        final state with the intent kept and the file stays where it is; `resume_held` (the
+        archive job, `run --once`, start-up) finishes the move once failed/ works again.
+        """
+        resuming = record.pending_path is not None and record.pending_state == state
+        if resuming:
+            dest = Path(str(record.pending_path))
         else:
-            # Nothing left to move (the file vanished before it was claimed); the reason says so.
-            record = self.journal.update(
-                record.id, state=FileState.FAILED, pending_path=None, pending_state=None,
-                next_attempt_at=None, message=reason,
-            )
-            with self._names_lock:
-                self._reserved.pop(dest, None)
-        logger.bind(file_id=record.id, file=record.name).error(
-            "{} failed: {} (see {})", record.label, reason, dest.name + ".reason.txt")
-        if self.on_failed is not None:
+            dest = dest or self.failed_destination(record)
+            record = self.journal.update(record.id, pending_path=dest, pending_state=state, error=reason,
+                                         message=message)
+        log = logger.bind(file_id=record.id, file=record.name)
+        try:
+            if errors_csv is not None:
+                write_durably(dest.with_name(dest.name + ".errors.csv"), errors_csv, replace=resuming)
+            write_durably(dest.with_name(dest.name + ".reason.txt"), reason.rstrip() + "\n",
+                          replace=resuming)
+            if os.path.lexists(record.local_path):
+                record = self.finish_move(record)
+            else:
+                # Nothing left to move (the file vanished before it was claimed); the reason says so.
+                record = self.journal.update(
+                    record.id, state=state, pending_path=None, pending_state=None,
+                    next_attempt_at=None, message=reason,
+                )
+                with self._names_lock:
+                    self._reserved.pop(dest, None)
+        except OSError as exc:
+            return self._hold(record, state, dest, exc)
+        log.error("{} {}: {} (see {})", record.label, state.value, reason, dest.name + ".reason.txt")
+        if self.on_failed is not None and state == FileState.FAILED:
             self.on_failed(record)
         return record
+
+    def _hold(self, record: FileRecord, state: FileState, dest: Path, exc: OSError) -> FileRecord:
+        """failed/ cannot take the file now: final state, intent kept, the file stays where it is."""
+        why = exc.strerror or str(exc)
+        text = (f"{record.label} is {state.value} ({record.error}) but cannot be filed in {dest.parent}"
+                f" ({why}); it stays in {record.local_path} and moves to {dest} as soon as"
+                f" {dest.parent} works again (checked every minute)")
+        logger.bind(file_id=record.id, file=record.name).error(text)
+        if record.state == state:
+            return record
+        return self.journal.update(record.id, state=state, message=f"cannot file in {dest.parent}: {why};"
+                                   f" stays in {record.local_path}")
+
+    def resume_held(self) -> int:
+        """Finish the moves to failed/ that waited for it to work again; how many are done."""
+        done = 0
+        held = self.journal.query("WHERE pending_path IS NOT NULL AND state IN (?, ?)",
+                                  (FileState.FAILED.value, FileState.STALE.value))
+        for record in held:
+            try:
+                record = self.resume_move(record)
+            except OSError as exc:
+                logger.warning("{}: move to {} still waits: {}", record.label, record.pending_path, exc)
+                continue
+            done += record.pending_path is None
+        return done
 
     def finish_move(self, record: FileRecord) -> FileRecord:
         """Do the move the journal holds as an intent, then record it as done."""
@@ -96,7 +179,7 @@ class Filer:
                 with contextlib.suppress(OSError):  # the last part of a split file leaves: drop its folder
                     source.parent.rmdir()
         with self._names_lock:
-            self._reserved.pop(Path(record.pending_path), None)  # taken now: unique_path sees it
+            self._reserved.pop(Path(record.pending_path), None)  # taken now: _free sees it on disk
         return self.journal.update(
             record.id, state=FileState(record.pending_state), local_path=record.pending_path,
             pending_path=None, pending_state=None, next_attempt_at=None,
@@ -136,8 +219,9 @@ class Filer:
         """Finish a move a crash interrupted: redo the rename, or record the one already done."""
         assert record.pending_path and record.pending_state
         if os.path.lexists(record.local_path):
-            if record.pending_state == FileState.FAILED:
-                return self.quarantine(record, record.error or "refused (reason lost in a crash)")
+            if record.pending_state in (FileState.FAILED, FileState.STALE):
+                return self.quarantine(record, record.error or "refused (reason lost in a crash)",
+                                       state=FileState(record.pending_state))
             return self.finish_move(record)
         if os.path.lexists(record.pending_path):
             return self.journal.update(

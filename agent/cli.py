@@ -5,20 +5,23 @@ Exit codes: 0 success; 1 runtime failure (or invalid files for `validate`); 2 us
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 import sys
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, ParamSpec
 
 import click
 from loguru import logger
 
 from agent.config import Config, ConfigError, ImportsConfig, ImportType, load_config
-from agent.journal import FileRecord, FileState, Journal
-from agent.logs import setup_logging
+from agent.journal import FileRecord, FileState, Journal, JournalError, journal_error
+from agent.logs import escape_controls, setup_logging
 
+P = ParamSpec("P")
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
 
@@ -38,6 +41,25 @@ def load_or_exit(config_path: Path | None) -> Config:
         return load_config(config_path)
     except ConfigError as exc:
         fail(str(exc), EXIT_USAGE)
+
+
+def journal_errors(command: Callable[P, None]) -> Callable[P, None]:
+    """A damaged journal ends the command with one line that says how to fix it (exit 1), never
+    with a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> None:
+        try:
+            command(*args, **kwargs)
+        except (JournalError, sqlite3.DatabaseError) as exc:
+            config_path = kwargs.get("config_path")
+            path = load_config(config_path).journal_path if isinstance(config_path, Path | None) else None
+            problem = journal_error(path or Path("journal"), exc)
+            if problem is None:
+                raise
+            fail(str(problem), EXIT_RUNTIME)
+
+    return wrapper
 
 
 class DurationType(click.ParamType):  # type: ignore[type-arg]
@@ -98,6 +120,7 @@ def main() -> None:
 @main.command()
 @config_option
 @click.option("--once", is_flag=True, help="Process what is in drop/ now, wait for the uploads, exit.")
+@journal_errors
 def run(config_path: Path | None, once: bool) -> None:
     """Run the agent (the daemon, or one pass with --once)."""
     from agent.service import Agent, AlreadyRunning, run_daemon
@@ -113,6 +136,8 @@ def run(config_path: Path | None, once: bool) -> None:
         sys.exit(run_daemon(config))
     except AlreadyRunning as exc:
         fail(str(exc), EXIT_RUNTIME)
+    except JournalError as exc:
+        fail(str(exc), EXIT_RUNTIME)
     except (PrivateKeyError, OSError) as exc:
         logger.error("cannot start: {}", exc)
         sys.exit(EXIT_RUNTIME)
@@ -124,6 +149,7 @@ def run(config_path: Path | None, once: bool) -> None:
 @state_option
 @older_option
 @newer_option
+@journal_errors
 def status(config_path: Path | None, as_json: bool, states: tuple[str, ...], older_than: timedelta | None,
            newer_than: timedelta | None) -> None:
     """One row per file from the journal (filter by state and age)."""
@@ -254,6 +280,7 @@ def doctor(config_path: Path | None) -> None:
 @config_option
 @click.argument("key", metavar="NAME|ID")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array of files with their events.")
+@journal_errors
 def history(config_path: Path | None, key: str, as_json: bool) -> None:
     """Every state change of one file (by journal ID, original name or remote name)."""
     from agent.ops import history as file_history
@@ -280,6 +307,7 @@ def history(config_path: Path | None, key: str, as_json: bool) -> None:
 @main.command()
 @config_option
 @click.argument("key", metavar="NAME|ID")
+@journal_errors
 def retry(config_path: Path | None, key: str) -> None:
     """Re-queue a failed or stale file (sent again under a new name, even if a duplicate)."""
     from agent.ops import OpsError
@@ -297,14 +325,16 @@ def retry(config_path: Path | None, key: str) -> None:
         fail(f"retry of {key!r} did not finish ({exc}); run it again", EXIT_RUNTIME)
     finally:
         journal.close()
-    click.echo(f"#{record.id} {record.name} re-queued as {record.remote_name}; a running agent sends it"
-               f" within {config.watch.rescan_seconds:g} s (or at its next start)")
+    click.echo(escape_controls(
+        f"#{record.id} {record.name} re-queued as {record.remote_name}; a running agent sends it"
+        f" within {config.watch.rescan_seconds:g} s (or at its next start)"))
 
 @main.command()
 @config_option
 @click.option("--days", type=click.IntRange(min=1), default=30, show_default=True,
               help="How many days back, today included (UTC).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@journal_errors
 def report(config_path: Path | None, days: int, as_json: bool) -> None:
     """Per-day counts by import type and outcome."""
     from agent.ops import report as daily_report
@@ -320,6 +350,48 @@ def report(config_path: Path | None, days: int, as_json: bool) -> None:
         return
     for line in report_lines(rows):
         click.echo(line)
+
+
+@main.group()
+def journal() -> None:
+    """Check the journal, or rebuild a damaged or lost one from its backup and the spool."""
+
+
+@journal.command("check")
+@config_option
+def journal_check(config_path: Path | None) -> None:
+    """Integrity, spool files no row names, rows whose files are gone; exit 1 when something is wrong."""
+    from agent.repair import check
+
+    ok, lines = check(load_or_exit(config_path))
+    for line in lines:
+        click.echo(escape_controls(line))
+    sys.exit(0 if ok else EXIT_RUNTIME)
+
+
+@journal.command("rebuild")
+@config_option
+def journal_rebuild(config_path: Path | None) -> None:
+    """Move the journal aside (never deleted), restore the latest backup (or start empty), adopt the
+    spool. Refused while the agent runs."""
+    from agent.repair import rebuild
+    from agent.service import AlreadyRunning, take_lock
+
+    config = load_or_exit(config_path)
+    setup_logging(config.log.model_copy(update={"level": "WARNING"}))
+    config.paths.state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = take_lock(config.paths.state_dir / "agent.lock")
+    except AlreadyRunning as exc:
+        fail(f"{exc}; stop it first (systemctl stop saasquatch-agent), then run this again", EXIT_RUNTIME)
+    try:
+        lines = rebuild(config)
+    except (OSError, sqlite3.Error) as exc:
+        fail(f"rebuild did not finish ({exc}); nothing was deleted, run it again", EXIT_RUNTIME)
+    finally:
+        lock.close()
+    for line in lines:
+        click.echo(escape_controls(line))
 
 
 if __name__ == "__main__":

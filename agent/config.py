@@ -43,6 +43,15 @@ class SftpConfig(_Section):
     proxy_command: str | None = None  # as OpenSSH's ProxyCommand (%h host, %p port, %r user, %% a %)
     bandwidth_limit: Annotated[int, Field(ge=0)] = 0  # bytes per second while uploading; 0 = no limit
 
+    @field_validator("private_key", mode="before")
+    @classmethod
+    def _key_is_a_path(cls, value: Any) -> Any:
+        # the value itself is never repeated: it may be the key
+        if isinstance(value, str) and ("-----BEGIN" in value or "\n" in value or "\r" in value):
+            raise ValueError("looks like a key pasted as text (not repeated here); give the path of the"
+                             " private key file instead, e.g. private_key = \"keys/id_ed25519\"")
+        return value
+
     @field_validator("remote_dir")
     @classmethod
     def _remote_dir_absolute(cls, value: str) -> str:
@@ -267,6 +276,12 @@ class ArchiveConfig(_Section):
     retention_days: Annotated[float, Field(ge=0)] = 90.0  # prune archive/ after this; 0 = never
 
 
+class JournalConfig(_Section):
+    # an online copy of the journal in state_dir (journal.backup.sqlite3) this often; 0 = off.
+    # A damaged journal loses at most this much history (`saasquatch-agent journal rebuild`).
+    backup_seconds: Annotated[float, Field(ge=0)] = 3600.0
+
+
 class NotifyConfig(_Section):
     command: str = ""  # run with the file's JSON on stdin on final failures and stale files
     timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
@@ -285,6 +300,7 @@ class Config(_Section):
     status: StatusConfig = StatusConfig()
     archive: ArchiveConfig = ArchiveConfig()
     notify: NotifyConfig = NotifyConfig()
+    journal: JournalConfig = JournalConfig()
     source: Path | None = None
 
     @property
@@ -294,6 +310,10 @@ class Config(_Section):
     @property
     def journal_path(self) -> Path:
         return self.paths.state_dir / "journal.sqlite3"
+
+    @property
+    def journal_backup_path(self) -> Path:
+        return self.paths.state_dir / "journal.backup.sqlite3"
 
 
 def resolve_config_path(explicit: str | os.PathLike[str] | None) -> Path:

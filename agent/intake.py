@@ -197,8 +197,12 @@ class Intake:
         numbers = part_numbers(record.name)
         if parent_id is None or numbers is None:
             return None
-        parent = self.journal.get(parent_id)
-        assert parent.sha256 is not None
+        try:
+            parent = self.journal.get(parent_id)
+        except KeyError:  # an adopted part whose original's row was lost: checked on its own
+            return None
+        if parent.sha256 is None:
+            return None
         return PartOf(parent.name, parent.sha256,
                       subfolder_of(Path(parent.source_path), self.config.paths.drop), *numbers)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -18,6 +19,53 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
+
+SPOOL_NAME_BYTES = 120  # the original-name part of a spool name, at most (UTF-8)
+_SPOOL_NAME = re.compile(r"([0-9]{8,})(?:_(.*))?", re.DOTALL)
+
+
+def spool_name(file_id: int, name: str) -> str:
+    """`<id:08d>_<original name>`: a spool file says which row and which file it is, so a lost
+    journal strands nothing. The name is made one safe path component (no `/`, no control
+    characters) and kept under SPOOL_NAME_BYTES, its extension kept."""
+    safe = "".join(c if c.isprintable() and c not in "/\\" else "_" for c in name) or "_"
+    if len(safe.encode()) > SPOOL_NAME_BYTES:
+        stem, dot, ext = safe.rpartition(".")
+        ext = f".{ext}" if dot and stem and len(ext.encode()) <= 16 else ""
+        stem = safe[: len(safe) - len(ext)]
+        while len((stem + ext).encode()) > SPOOL_NAME_BYTES:
+            stem = stem[:-1]
+        safe = stem + ext
+    return f"{file_id:08d}_{safe}"
+
+
+def parse_spool_name(file_name: str) -> tuple[int, str] | None:
+    """(row id, original name) from a spool file name; an old `<id>` name gives the id as name."""
+    found = _SPOOL_NAME.fullmatch(file_name)
+    if not found:
+        return None
+    return int(found[1]), found[2] if found[2] else file_name
+
+
+class JournalError(Exception):
+    """The journal cannot be opened or read (damaged, not a database); the message is one line
+    that says what to do."""
+
+
+def journal_error(path: Path, exc: BaseException) -> JournalError | None:
+    """The operator's line for a damaged journal, or None when `exc` is another kind of fault
+    (locked, disk full: those are retried, not repaired)."""
+    text = str(exc)
+    damaged = ("malformed", "not a database", "file is encrypted", "disk image", "no such table",
+               "no such column", "database corrupt")
+    if isinstance(exc, JournalError):
+        return exc
+    if not isinstance(exc, sqlite3.DatabaseError) or not any(word in text for word in damaged):
+        return None
+    return JournalError(
+        f"the journal {path} is damaged ({text}); nothing was changed. Stop the agent, then run"
+        " `saasquatch-agent journal rebuild` (it moves the damaged file aside, restores the latest"
+        " backup and adopts the files in the spool); `saasquatch-agent journal check` shows what it finds")
 
 
 class FileState(StrEnum):
@@ -58,7 +106,8 @@ CREATE TABLE IF NOT EXISTS files (
     next_attempt_at REAL,
     created_at TEXT NOT NULL,
     updated_at TEXT NOT NULL,
-    force_resend INTEGER NOT NULL DEFAULT 0
+    force_resend INTEGER NOT NULL DEFAULT 0,
+    adopted INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS files_state ON files (state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS files_state_id ON files (state, id);  -- next_sendable: oldest first, O(log n)
@@ -76,7 +125,7 @@ CREATE INDEX IF NOT EXISTS events_file ON events (file_id);
 _COLUMNS = (
     "id", "name", "source_path", "local_path", "pending_path", "pending_state", "size", "sha256",
     "import_type", "remote_name", "state", "attempts", "error", "next_attempt_at", "created_at",
-    "updated_at", "force_resend",
+    "updated_at", "force_resend", "adopted",
 )
 _UPDATABLE = frozenset(_COLUMNS) - {"id", "created_at", "updated_at"}
 _STATE_INDEX = _COLUMNS.index("state")
@@ -117,6 +166,7 @@ class FileRecord:
     created_at: str
     updated_at: str
     force_resend: int  # 1: the operator asked to send it even if the same content went recently
+    adopted: int = 0  # 1: found in spool/ with no row (journal lost or damaged) and taken up again
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> FileRecord:
@@ -147,11 +197,21 @@ class FileRecord:
             "local_path": self.local_path,
             "created_at": self.created_at,
             "updated_at": self.updated_at,
+            "adopted": bool(self.adopted),
         }
 
 
 class Journal:
     def __init__(self, path: Path, *, readonly: bool = False) -> None:
+        try:
+            self._connect(path, readonly)
+        except sqlite3.DatabaseError as exc:
+            problem = journal_error(path, exc)
+            if problem is None:
+                raise
+            raise problem from None
+
+    def _connect(self, path: Path, readonly: bool) -> None:
         self.path = path
         if readonly:
             self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
@@ -162,6 +222,8 @@ class Journal:
             self._db.executescript(_SCHEMA)
             self._migrate()
         self._db.execute("PRAGMA busy_timeout=10000")
+        if readonly:
+            self._db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()  # not a database: now
         self._lock = threading.Lock()  # the writing connection
         # Reads go through a second connection: in WAL mode it sees only committed rows, never the
         # changes of a group commit that is still being gathered (see _transaction).
@@ -184,6 +246,8 @@ class Journal:
         present = {row[1] for row in self._db.execute("PRAGMA table_info(files)")}
         if "force_resend" not in present:
             self._db.execute("ALTER TABLE files ADD COLUMN force_resend INTEGER NOT NULL DEFAULT 0")
+        if "adopted" not in present:
+            self._db.execute("ALTER TABLE files ADD COLUMN adopted INTEGER NOT NULL DEFAULT 0")
         indexed = self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'files_remote_name'").fetchone()
         if indexed is None:
             # No two rows share a remote name. Rows of older versions that did are left as history:
@@ -318,20 +382,50 @@ class Journal:
     def add_claims(self, sources: list[Path], spool_dir: Path,
                    names: list[str] | None = None) -> list[FileRecord]:
         """`add_claim` for several files in one commit (intake claims a burst as one batch); each
-        row's spool path is spool/<id>."""
+        row's spool path is spool/`spool_name(id, name)`."""
         now = utc_now_iso()
         ids = []
+        spooled = []
         with self._transaction():
             for index, source_path in enumerate(sources):
                 name = names[index] if names else source_path.name
-                ids.append(self._insert(name, source_path, None, now, f"claimed from {source_path}"))
-            if ids:  # spool/<id>: known once the rows exist
-                self._db.execute(
-                    "UPDATE files SET local_path = ? || printf('%08d', id) WHERE id BETWEEN ? AND ?",
-                    (f"{spool_dir}{os.sep}", ids[0], ids[-1]))
+                file_id = self._insert(name, source_path, None, now, f"claimed from {source_path}")
+                ids.append(file_id)
+                spooled.append((str(spool_dir / spool_name(file_id, name)), file_id))
+            # spool/<id>_<name>: known once the rows exist
+            self._db.executemany("UPDATE files SET local_path = ? WHERE id = ?", spooled)
         if not ids:
             return []
         return self._select("WHERE id BETWEEN ? AND ?", (ids[0], ids[-1]), "ORDER BY id")
+
+    def adopt(self, file_id: int | None, name: str, source_path: Path, local_path: Path,
+              message: str) -> FileRecord:
+        """A `claimed` row, marked adopted, for a file found in the spool that no row names (the
+        journal was lost or damaged); with the given id (free, checked by the caller) or the next."""
+        now = utc_now_iso()
+        with self._transaction():
+            cursor = self._db.execute(
+                "INSERT INTO files (id, name, source_path, local_path, state, created_at, updated_at,"
+                " adopted) VALUES (?, ?, ?, ?, ?, ?, ?, 1)",
+                (file_id, name, str(source_path), str(local_path), FileState.CLAIMED.value, now, now),
+            )
+            new_id = int(cursor.lastrowid or 0)
+            self._log_event(new_id, now, FileState.CLAIMED.value, message)
+        return self.get(new_id)
+
+    def paths_under(self, folder: Path) -> set[str]:
+        """Every local or pending path of any row that lies in `folder` (one scan)."""
+        prefix = f"{folder}{os.sep}"
+        with self._reading() as reader:
+            rows = reader.execute(
+                "SELECT local_path, pending_path FROM files WHERE substr(local_path, 1, ?) = ?"
+                " OR substr(pending_path, 1, ?) = ?", (len(prefix), prefix, len(prefix), prefix),
+            ).fetchall()
+        return {str(path) for row in rows for path in row if path}
+
+    def has_id(self, file_id: int) -> bool:
+        with self._reading() as reader:
+            return reader.execute("SELECT 1 FROM files WHERE id = ?", (file_id,)).fetchone() is not None
 
     def add_parts(self, parent: FileRecord, parts: list[Path], parent_dest: Path,
                   parent_state: FileState) -> list[FileRecord]:
@@ -578,6 +672,41 @@ class Journal:
         with self._reading() as reader:
             row = reader.execute("SELECT MAX(id) FROM files").fetchone()
         return int(row[0] or 0)
+
+    def backup(self, dest: Path) -> None:
+        """An online copy of the journal (SQLite's backup API, consistent while others write) at
+        dest: written to a staging name, checked, fsynced, then renamed over the previous backup
+        (the agent's own file, renewed on purpose). A copy that fails its check replaces nothing."""
+        from agent.fsutil import fsync_dir, place, staging_path
+
+        staging = staging_path(dest)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staging)
+        source = sqlite3.connect(self.path)
+        try:
+            target = sqlite3.connect(staging)
+            try:
+                source.backup(target)
+                target.execute("PRAGMA journal_mode=DELETE")
+                verdict = target.execute("PRAGMA quick_check").fetchone()[0]
+            finally:
+                target.close()
+        finally:
+            source.close()
+        try:
+            if verdict != "ok":
+                raise sqlite3.DatabaseError(f"the copy fails its check ({verdict})")
+            fd = os.open(staging, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            place(staging, dest, replace=True)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(staging)
+            raise
+        fsync_dir(dest.parent)
 
     def count_in(self, states: tuple[FileState, ...]) -> int:
         with self._reading() as reader:

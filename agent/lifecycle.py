@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
 import os
 import posixpath
 import threading
@@ -26,9 +27,9 @@ from typing import TYPE_CHECKING, BinaryIO
 import paramiko
 from loguru import logger
 
-from agent.archive import Filer
+from agent.archive import SERVER_INFIX, Filer
 from agent.config import Config, RemoteResults, StatusMode
-from agent.fsutil import copy_bytes, fsync_dir, rewrite_durably, unique_path, write_durably
+from agent.fsutil import copy_bytes, durable_writer, fsync_dir, rewrite_durably, write_bytes_durably
 from agent.journal import SENDING_STATES, FileRecord, FileState, Journal
 from agent.notify import Notifier
 from agent.remote_status import (
@@ -51,7 +52,7 @@ TRACKED_STATES = (FileState.UPLOADED, FileState.ACCEPTED, FileState.PROCESSING, 
 _RANK = {state: rank for rank, state in enumerate(TRACKED_STATES)}
 ARCHIVE_JOB_SECONDS = 60.0  # compress what was archived but not yet gzipped (after a crash)
 RETENTION_JOB_SECONDS = 3600.0
-SERVER_FILE_INFIX = ".server."  # archive/.../<name>.server.<remote status file name>
+SERVER_FILE_INFIX = SERVER_INFIX  # archive/.../<name>.server.<remote status file name>
 
 
 def iso(moment: datetime) -> str:
@@ -64,17 +65,6 @@ def parse_iso(text: str) -> datetime:
 
 def server_file_path(dest: Path, remote_file: str) -> Path:
     return dest.with_name(f"{dest.name}{SERVER_FILE_INFIX}{remote_file}")
-
-
-def _write_bytes_durably(path: Path, data: bytes) -> None:
-    staging = path.with_name(f".{path.name}.tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(staging, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.rename(staging, path)
-    fsync_dir(path.parent)
 
 
 class Lifecycle:
@@ -232,10 +222,10 @@ class Lifecycle:
             " again unchanged."
         )
         errors_csv = next((r.errors_csv for r in failing if r.errors_csv), None)
-        dest = unique_path(self.config.paths.failed, record.name, str(record.id))
+        dest = self.filer.failed_destination(record)  # reserves every name written beside it
         self._download(sftp, readings, raw, dest)
         self.journal.update(record.id, message=f"server: {said}")
-        self.filer.quarantine(self.journal.get(record.id), reason, errors_csv)
+        self.filer.quarantine(self.journal.get(record.id), reason, errors_csv, dest=dest)
         self._tidy_remote(sftp, readings)
 
     def _stale(self, record: FileRecord, uploaded_at: datetime) -> None:
@@ -246,13 +236,10 @@ class Lifecycle:
             " File upload history on SaaSquatch's SFTP integration page. `saasquatch-agent retry"
             f" {record.id}` sends it again under a new name."
         )
-        dest = unique_path(self.config.paths.failed, record.name, str(record.id))
-        record = self.journal.update(record.id, pending_path=dest, pending_state=FileState.STALE,
-                                     error=reason, message=f"no verdict within {hours:g} h")
-        write_durably(dest.with_name(dest.name + ".reason.txt"), reason + "\n")
-        record = self.filer.finish_move(record)
-        logger.error("{} is stale: {}", record.label, reason)
-        self.notifier.submit(record, "stale")
+        record = self.filer.quarantine(record, reason, state=FileState.STALE,
+                                       message=f"no verdict within {hours:g} h")
+        if record.pending_path is None:  # else failed/ cannot take it yet (resume_held finishes it)
+            self.notifier.submit(record, "stale")
 
     def _download(self, sftp: paramiko.SFTPClient, readings: list[Reading], raw: dict[str, bytes],
                   dest: Path) -> None:
@@ -260,17 +247,13 @@ class Lifecycle:
         if not self.config.status.download_results:
             return
         for reading in readings:
-            target = server_file_path(dest, reading.name)
+            target = server_file_path(dest, reading.name)  # reserved with dest (Filer._free)
             data = raw[reading.path]
             if len(data) > MAX_STATUS_BYTES:
-                staging = target.with_name(f".{target.name}.tmp")
-                sftp.get(reading.path, str(staging))
-                with open(staging, "rb") as handle:
-                    os.fsync(handle.fileno())
-                os.rename(staging, target)
-                fsync_dir(target.parent)
+                with durable_writer(target) as handle:
+                    sftp.getfo(reading.path, handle)
             else:
-                _write_bytes_durably(target, data)
+                write_bytes_durably(target, data)
 
     def _tidy_remote(self, sftp: paramiko.SFTPClient, readings: list[Reading]) -> None:
         """Remove or move the server's files once they are safe here, only when configured."""
@@ -290,7 +273,9 @@ class Lifecycle:
     # ------------------------------------------------------------------ archive and retention
 
     def archive_job(self) -> None:
-        """Gzip archived inputs not yet compressed (a crash or a config change left them)."""
+        """Finish moves to failed/ that waited for it to work again; gzip archived inputs not yet
+        compressed (a crash or a config change left them)."""
+        self.filer.resume_held()
         if not self.config.archive.compress:
             return
         for record in self.journal.query("WHERE state = ? AND pending_path IS NULL"
@@ -312,12 +297,20 @@ class Lifecycle:
             src = Path(record.local_path)
             if src.name.endswith(".gz"):
                 return record
-            packed = src.with_name(src.name + ".gz")
+            packed = src.with_name(src.name + ".gz")  # reserved with src (Filer._free)
             if not os.path.lexists(src):
                 if os.path.lexists(packed):
                     return self.journal.update(record.id, local_path=packed,
                                                message="compression finished after a restart")
                 return record
+            if os.path.lexists(packed):  # a crash after the rename, before the unlink; or not ours
+                if not _gzip_holds(packed, record.sha256):
+                    raise FileExistsError(f"{packed} exists and does not hold {src.name}; not replaced,"
+                                          f" {src.name} stays uncompressed")
+                remove_file(src)
+                fsync_dir(src.parent)
+                return self.journal.update(record.id, local_path=packed,
+                                           message="compression finished after a restart")
             mtime = int(os.stat(src).st_mtime)
 
             def gzip_into(reader: BinaryIO, raw_out: BinaryIO) -> None:
@@ -357,6 +350,20 @@ class Lifecycle:
         if pruned:
             logger.info("retention: pruned {} archived file(s) older than {:g} days", pruned, days)
         return pruned
+
+
+def _gzip_holds(packed: Path, sha256: str | None) -> bool:
+    """Whether packed is a complete gzip of the content with this SHA-256."""
+    if sha256 is None:
+        return False
+    digest = hashlib.sha256()
+    try:
+        with gzip.open(packed, "rb") as reader:
+            while chunk := reader.read(1 << 20):
+                digest.update(chunk)
+    except (OSError, EOFError):
+        return False
+    return digest.hexdigest() == sha256
 
 
 def remove_with_server_files(path: Path) -> None:

@@ -20,8 +20,14 @@ _ESCAPED = {c: ("\\n" if c == 10 else "\\r" if c == 13 else f"\\x{c:02x}")
             for c in (*range(32), 127) if c != 9}
 
 
+def escape_controls(text: str) -> str:
+    """Control characters shown escaped (`\\n`, `\\x1b`): what the log and the operator views print
+    of a file name, so a name can never forge a line or reach the terminal as a control sequence."""
+    return text.translate(_ESCAPED)
+
+
 def _one_line(record: Record) -> None:
-    record["message"] = record["message"].translate(_ESCAPED)
+    record["message"] = escape_controls(record["message"])
 
 
 def _text_format(record: Record) -> str:

@@ -19,7 +19,8 @@ from typing import Any
 from agent.config import Config, ImportType
 from agent.fsutil import durable_move
 from agent.imports.naming import remote_name
-from agent.journal import FileRecord, FileState, Journal
+from agent.journal import FileRecord, FileState, Journal, spool_name
+from agent.logs import escape_controls
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$", re.IGNORECASE)
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -72,9 +73,11 @@ def status_table(records: list[FileRecord], now: datetime | None = None) -> list
     lines = [f"{'ID':>5}  {'STATE':<10} {'TYPE':<18} {'AGE':>5}  {'NAME':<32} {'REMOTE NAME':<48} LAST ERROR"]
     for r in records:
         age = human_age((now - parse_time(r.created_at)).total_seconds())
-        error = " ".join((r.error or "").split())
-        lines.append(f"{r.id:>5}  {r.state.value:<10} {r.import_type or '-':<18} {age:>5}  {r.name[:32]:<32}"
-                     f" {(r.remote_name or '-')[:48]:<48} {error[:200]}")
+        error = escape_controls(" ".join(
+            (r.error or ("adopted from spool/: the journal had no row" if r.adopted else "")).split()))
+        name = escape_controls(r.name)
+        lines.append(f"{r.id:>5}  {r.state.value:<10} {r.import_type or '-':<18} {age:>5}  {name[:32]:<32}"
+                     f" {escape_controls(r.remote_name or '-')[:48]:<48} {error[:200]}")
     return lines
 
 
@@ -98,10 +101,11 @@ def history_lines(found: list[tuple[FileRecord, list[tuple[str, str, str | None]
     for record, events in found:
         if lines:
             lines.append("")
-        lines.append(f"#{record.id} {record.name} ({record.import_type or 'untyped'}; remote"
-                     f" {record.remote_name or '-'}; now {record.state.value}; at {record.local_path})")
+        lines.append(escape_controls(
+            f"#{record.id} {record.name} ({record.import_type or 'untyped'}; remote"
+            f" {record.remote_name or '-'}; now {record.state.value}; at {record.local_path})"))
         for at, state, message in events:
-            lines.append(f"  {at}  {state:<10} {message or ''}")
+            lines.append(escape_controls(f"  {at}  {state:<10} {message or ''}"))
     return lines
 
 
@@ -145,7 +149,7 @@ def report_lines(rows: list[ReportRow]) -> list[str]:
     lines = [header]
     for row in rows:
         data = row.to_json()
-        lines.append(f"{row.day:<10}  {row.import_type:<18} {data['total']:>6} "
+        lines.append(f"{row.day:<10}  {escape_controls(row.import_type):<18} {data['total']:>6} "
                      + " ".join(f"{data[o]:>11}" for o in REPORT_OUTCOMES))
     return lines
 
@@ -177,7 +181,7 @@ def retry(config: Config, journal: Journal, key: str) -> FileRecord:
         ids = ", ".join(f"#{r.id}" for r in candidates)
         raise OpsError(f"{key!r} names several failed files ({ids}); retry one by its ID")
     record = candidates[0]
-    spool = config.spool_dir / f"{record.id:08d}"
+    spool = config.spool_dir / spool_name(record.id, record.name)
     if record.pending_path and record.pending_state == FileState.QUEUED.value:
         return _finish_requeue(journal, record, "retry finished after an interruption")
     if record.pending_path:

@@ -5,14 +5,17 @@ from __future__ import annotations
 import fcntl
 import os
 import signal
+import sqlite3
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
 from typing import IO, TYPE_CHECKING
 
 from loguru import logger
 
+from agent.adopt import reconcile_spool
 from agent.archive import Filer
 from agent.config import Config, ConfigError, load_config
 from agent.fsutil import ensure_dir
@@ -43,9 +46,15 @@ class Agent:
     def __init__(self, config: Config) -> None:
         self.config = config
         paths = config.paths
-        for folder in (paths.state_dir, config.spool_dir, paths.archive, paths.failed):
+        for folder in (paths.state_dir, config.spool_dir):
             ensure_dir(folder)
-        self._lock_file = _take_lock(paths.state_dir / "agent.lock")
+        for folder in (paths.archive, paths.failed):
+            try:
+                ensure_dir(folder)
+            except OSError as exc:  # files bound there wait in the spool until it works (no restart)
+                logger.error("{} is not usable ({}); files bound there wait in the spool until it is",
+                             folder, exc.strerror or exc)
+        self._lock_file = take_lock(paths.state_dir / "agent.lock")
         self.journal = Journal(config.journal_path)
         self.filer = Filer(config, self.journal)
         self.scanner = DropScanner(paths.drop, _type_folders(config))
@@ -65,7 +74,11 @@ class Agent:
         self.scheduler: BackgroundScheduler | None = None
 
     def recover(self) -> None:
-        """Bring every unfinished row and the disk into agreement before any new work starts."""
+        """Bring every unfinished row and the disk into agreement before any new work starts: first
+        the spool files no row names are adopted (checked below like new files), then the moves
+        to failed/ that waited for it are finished, then each unfinished row."""
+        reconcile_spool(self.config, self.journal)
+        self.filer.resume_held()
         for record in self.journal.iter_unfinished():
             local_exists = os.path.lexists(record.local_path)
             if record.pending_path:
@@ -112,12 +125,27 @@ class Agent:
         self.scheduler.add_job(self.rescan, "interval", seconds=self.config.watch.rescan_seconds,
                                id="rescan", coalesce=True, max_instances=1)
         self.lifecycle.add_jobs(self.scheduler)  # status poll, archive, retention
+        every = self.config.journal.backup_seconds
+        if every > 0:  # the first copy soon after start-up, then every `journal.backup_seconds`
+            self.scheduler.add_job(self.backup_journal, "interval", seconds=every, id="journal-backup",
+                                   coalesce=True, max_instances=1,
+                                   next_run_time=datetime.now(UTC) + timedelta(seconds=min(every, 30.0)))
         self.scheduler.start()
         self.rescan()
         logger.info("watching {} (settle {} s, rescan every {} s); uploading to {}@{}:{}{}",
                     self.config.paths.drop, self.config.watch.settle_seconds,
                     self.config.watch.rescan_seconds, self.config.sftp.username,
                     self.config.sftp.host, self.config.sftp.port, self.config.sftp.remote_dir)
+
+    def backup_journal(self) -> None:
+        """The periodic online copy of the journal (`journal.backup_seconds`)."""
+        try:
+            self.journal.backup(self.config.journal_backup_path)
+        except (OSError, sqlite3.Error) as exc:
+            logger.error("journal backup to {} failed: {}; the previous backup is kept",
+                         self.config.journal_backup_path, exc)
+            return
+        logger.debug("journal backed up to {}", self.config.journal_backup_path)
 
     def stop(self) -> None:
         """Stop everything within `daemon.stop_timeout_seconds`; an unfinished upload resumes later."""
@@ -152,6 +180,7 @@ class Agent:
                     and not self.journal.count_below_attempts(self.journal.sendable_states, limit)):
                 break
             time.sleep(ONCE_POLL_SECONDS)
+        self.filer.resume_held()  # refused files whose move to failed/ waited for it
         done = (FileState.ARCHIVED, *(TRACKED_STATES if self.config.status.tracking else ()))
         total, not_done = self.journal.outcome(start_ids, first_new_id, done)
         self.stop()
@@ -167,7 +196,7 @@ def _type_folders(config: Config) -> list[str]:
     return [folders.users, folders.user_events, folders.delete_users, folders.reward_redemptions]
 
 
-def _take_lock(path: Path) -> IO[str]:
+def take_lock(path: Path) -> IO[str]:
     handle = open(path, "a+")  # noqa: SIM115 - held open for the daemon's lifetime
     try:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

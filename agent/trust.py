@@ -18,6 +18,7 @@ from pathlib import Path
 import paramiko
 
 from agent.config import SftpConfig
+from agent.fsutil import place
 from agent.sftp import known_hosts_name, proxy_sock
 
 
@@ -111,7 +112,7 @@ def write_known_host(path: Path, info: HostKeyInfo, hashed: bool = False) -> Non
         with contextlib.suppress(OSError):
             st = path.stat()
             os.chown(temp, st.st_uid, st.st_gid)
-        os.replace(temp, path)
+        place(Path(temp), path, replace=True)  # known_hosts, rewritten on the operator's consent
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(temp)

@@ -24,6 +24,7 @@ import paramiko
 from loguru import logger
 
 from agent import publish, sftp_batch
+from agent.adopt import find_published
 from agent.archive import Filer
 from agent.config import Config, ImportType
 from agent.imports.naming import readable_stem
@@ -130,13 +131,18 @@ class Uploader:
     def _attempt(self, records: list[FileRecord], results: dict[int, FileRecord]) -> None:
         to_send: list[FileRecord] = []
         found: list[tuple[FileRecord, str]] = []
+        listing = self._remote_listing(records)
         for record in records:
             with logger.contextualize(file_id=record.id, file=record.name):
                 if record.state == FileState.UPLOADED:
                     results[record.id] = self.after_upload(record)
                     continue
                 if record.state not in (FileState.UPLOADING, FileState.PUBLISHING):
-                    to_send.append(record)
+                    earlier = self._published_before(listing, record) if listing is not None else None
+                    if earlier is not None:
+                        found.append(earlier)
+                    else:
+                        to_send.append(record)
                     continue
                 try:
                     outcome = self._resume(self._client(), record)
@@ -150,6 +156,26 @@ class Uploader:
         self._finish(found, results)
         if to_send:
             self._send(to_send, results)
+
+    def _remote_listing(self, records: list[FileRecord]) -> dict[str, int] | None:
+        """remote_dir's names and sizes, when a file adopted from the spool is about to be sent."""
+        if not any(record.adopted and record.state == FileState.QUEUED for record in records):
+            return None
+        return {entry.filename: int(entry.st_size or 0)
+                for entry in self._client().listdir_attr(self.remote_dir)}
+
+    def _published_before(self, listing: dict[str, int], record: FileRecord) -> tuple[FileRecord, str] | None:
+        """An adopted file (the journal had lost its row) already on the server under a remote name no
+        other row holds: recorded as published, not sent again."""
+        if not record.adopted:
+            return None
+        name = find_published(listing, record)
+        if name is None or self.journal.query("WHERE remote_name = ? AND id != ?", (name, record.id)):
+            return None
+        logger.info("{} was adopted from the spool and is already on the server as {}; not sending it"
+                    " again", record.label, name)
+        record = self.journal.update(record.id, remote_name=name)
+        return record, f"found on the server as {name} (adopted: its row was lost); not sent again"
 
     def _send(self, records: list[FileRecord], results: dict[int, FileRecord]) -> None:
         """The publish protocol for these files (agent.publish), each step for all of them at once."""

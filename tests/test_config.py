@@ -85,3 +85,35 @@ def test_config_path_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(CONFIG_ENV_VAR, "/tmp/from-env.toml")
     assert resolve_config_path(None) == Path("/tmp/from-env.toml")
     assert resolve_config_path("/tmp/explicit.toml") == Path("/tmp/explicit.toml")
+
+
+@pytest.mark.parametrize("pasted", [
+    "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQ\n"
+    "-----END OPENSSH PRIVATE KEY-----\n",
+    "b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQ\nAAAAMwAAAAtzc2gtZWQyNTUxOQ",
+])
+def test_a_key_pasted_as_text_is_refused_without_echoing_it(tmp_path: Path, pasted: str) -> None:
+    """Issue 12 case 8: the value may be the key itself; the message must not repeat it."""
+    text = MINIMAL.replace('private_key = "keys/id_ed25519"', f'private_key = """{pasted}"""')
+    assert text != MINIMAL
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert "sftp.private_key" in message and "pasted as text" in message
+    assert "b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQ" not in message and "BEGIN" not in message
+    import subprocess
+    import sys
+
+    from tests.helpers.agent_env import REPO
+    for command in (["run", "--once"], ["doctor"]):  # what the issue saw printed whole
+        result = subprocess.run([sys.executable, "-m", "agent", *command, "--config", str(path)],
+                                capture_output=True, text=True, cwd=REPO, timeout=60, check=False)
+        assert result.returncode == 2, result
+        assert "b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQ" not in result.stdout + result.stderr
+
+
+def test_journal_backup_seconds_has_a_safe_default(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, MINIMAL)).journal.backup_seconds == 3600.0
+    with pytest.raises(ConfigError, match=r"journal\.backup_seconds"):
+        load_config(write(tmp_path, MINIMAL + "[journal]\nbackup_seconds = -1\n"))

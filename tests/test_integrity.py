@@ -228,3 +228,24 @@ def test_the_same_content_dropped_again_while_the_first_is_queued_is_refused(
         reason = (env.failed / f"{name}.reason.txt").read_text()
         assert repr(first) in reason and "saasquatch-agent retry" in reason, reason
     assert_delivered(env, sshd_server.local_remote_dir, {first: data}, copies)
+
+
+def test_a_lost_journal_never_sends_an_adopted_file_twice(sshd_server: SshdServer, tmp_path: Path) -> None:
+    """A file published but still in the spool (its status is followed) when the journal is lost:
+    adopted at the next start, found on the server by its content hash in the remote name, and
+    recorded as published instead of being sent a second time."""
+    env = AgentEnv.for_sshd(tmp_path / "agent", sshd_server, settle_seconds=0,
+                            extra='[status]\nmode = "consumed"\npoll_seconds = 0.3\ntimeout = 600\n')
+    data = users_csv(7, "lost")
+    env.drop_atomically("users_lost.csv", data)
+    assert env.run_once().returncode == 0, env.log()
+    assert env.states() == {"users_lost.csv": "uploaded"}
+    journal = env.state / "journal.sqlite3"
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{journal}{suffix}").unlink(missing_ok=True)
+    result = env.run_once()
+    assert result.returncode == 0, env.log()
+    [row] = env.status()
+    assert row["state"] == "uploaded" and row["adopted"], row
+    assert "not sending it again" in result.stderr + result.stdout, result.stderr
+    assert_delivered(env, sshd_server.local_remote_dir, {"users_lost.csv": data})

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from agent.config import ImportType
+from agent.fsutil import write_durably
 from agent.imports.report import RecordError, ValidationReport
 from agent.imports.types import JOB_TYPES, LABELS, Refusal, display_name
 
@@ -44,14 +45,8 @@ def errors_csv_text(errors: Outcome | Iterable[RecordError]) -> str:
 
 
 def write_errors_csv(path: str | os.PathLike[str], errors: Outcome | Iterable[RecordError]) -> None:
-    """Write the errors file atomically (temporary name, fsync, rename)."""
-    target = Path(path)
-    staging = target.with_name(f".{target.name}.tmp")
-    with open(staging, "w", encoding="utf-8", newline="") as handle:
-        handle.write(errors_csv_text(errors))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(staging, target)
+    """Write the errors file atomically (temporary name, fsync, no-replace rename)."""
+    write_durably(Path(path), errors_csv_text(errors))
 
 
 def _which_records(errors: list[RecordError], total: int) -> str:

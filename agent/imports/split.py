@@ -18,7 +18,7 @@ from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from agent.fsutil import fsync_dir
+from agent.fsutil import fsync_dir, place
 from agent.imports.types import FileFormat
 
 _BOM = b"\xef\xbb\xbf"
@@ -163,7 +163,7 @@ def split_file(
             if taken:
                 raise FileExistsError(f"split part already exists: {taken[0]}")
             for temp, final in zip(writer.temps, finals, strict=True):
-                os.rename(temp, final)
+                place(temp, final)
                 writer.renamed.append(final)
         except BaseException:
             writer.discard()
