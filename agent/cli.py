@@ -6,6 +6,9 @@ Exit codes: 0 success; 1 runtime failure (or invalid files for `validate`); 2 us
 from __future__ import annotations
 
 import json
+import os
+import pwd
+import shutil
 import sqlite3
 import sys
 from datetime import timedelta
@@ -38,6 +41,31 @@ def load_or_exit(config_path: Path | None) -> Config:
         return load_config(config_path)
     except ConfigError as exc:
         fail(str(exc), EXIT_USAGE)
+
+
+def refuse_root_on_service_state(config: Config) -> None:
+    """As root on a state_dir that belongs to another user (the service's), files made now (journal,
+    lock, archive folders) would lock the service out: refuse, saying exactly what to run instead."""
+    state_dir = config.paths.state_dir
+    if os.geteuid() != 0:
+        return
+    try:
+        owner = state_dir.stat().st_uid
+    except OSError:
+        return
+    if owner == 0:
+        return
+    try:
+        user = pwd.getpwuid(owner).pw_name
+    except KeyError:
+        user = str(owner)
+    source = config.source or Path("agent.toml")
+    unit = "saasquatch-agent" if source.name == "agent.toml" else f"saasquatch-agent@{source.stem}"
+    command = shutil.which("saasquatch-agent") or "saasquatch-agent"
+    fail(f"{state_dir} belongs to {user}: run as root, the agent would leave files there that {user} "
+         f"cannot use. Run it as {user}, with the key systemd passes: systemd-run --pipe --wait "
+         f"-p User={user} -p LoadCredential=sftp-key:{config.sftp.private_key} {command} run --once "
+         f"--config {source} (or let the service do it: systemctl restart {unit})", EXIT_USAGE)
 
 
 class DurationType(click.ParamType):  # type: ignore[type-arg]
@@ -104,6 +132,7 @@ def run(config_path: Path | None, once: bool) -> None:
     from agent.sftp import PrivateKeyError, load_private_key, private_key_path
 
     config = load_or_exit(config_path)
+    refuse_root_on_service_state(config)
     setup_logging(config.log)
     try:
         load_private_key(private_key_path(config.sftp))  # unusable key: exit 1 now, files stay queued
