@@ -119,6 +119,7 @@ def show_status(config: Config, as_json: bool, states: tuple[str, ...], older_th
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="saasquatch-agent", prog_name="saasquatch-agent")
 def main() -> None:
     """Deliver SaaSquatch bulk-import files from a drop folder to the tenant's SFTP server."""
 
