@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import pwd
+import shutil
 import sqlite3
 import sys
 from collections.abc import Callable
@@ -62,6 +65,31 @@ def journal_errors(command: Callable[P, None]) -> Callable[P, None]:
     return wrapper
 
 
+def refuse_root_on_service_state(config: Config) -> None:
+    """As root on a state_dir that belongs to another user (the service's), files made now (journal,
+    lock, archive folders) would lock the service out: refuse, saying exactly what to run instead."""
+    state_dir = config.paths.state_dir
+    if os.geteuid() != 0:
+        return
+    try:
+        owner = state_dir.stat().st_uid
+    except OSError:
+        return
+    if owner == 0:
+        return
+    try:
+        user = pwd.getpwuid(owner).pw_name
+    except KeyError:
+        user = str(owner)
+    source = config.source or Path("agent.toml")
+    unit = "saasquatch-agent" if source.name == "agent.toml" else f"saasquatch-agent@{source.stem}"
+    command = shutil.which("saasquatch-agent") or "saasquatch-agent"
+    fail(f"{state_dir} belongs to {user}: run as root, the agent would leave files there that {user} "
+         f"cannot use. Run it as {user}, with the key systemd passes: systemd-run --pipe --wait "
+         f"-p User={user} -p LoadCredential=sftp-key:{config.sftp.private_key} {command} run --once "
+         f"--config {source} (or let the service do it: systemctl restart {unit})", EXIT_USAGE)
+
+
 class DurationType(click.ParamType):  # type: ignore[type-arg]
     name = "DURATION"
 
@@ -113,6 +141,7 @@ def show_status(config: Config, as_json: bool, states: tuple[str, ...], older_th
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="saasquatch-agent", prog_name="saasquatch-agent")
 def main() -> None:
     """Deliver SaaSquatch bulk-import files from a drop folder to the tenant's SFTP server."""
 
@@ -127,6 +156,7 @@ def run(config_path: Path | None, once: bool) -> None:
     from agent.sftp import PrivateKeyError, load_private_key, private_key_path
 
     config = load_or_exit(config_path)
+    refuse_root_on_service_state(config)
     setup_logging(config.log)
     try:
         load_private_key(private_key_path(config.sftp))  # unusable key: exit 1 now, files stay queued

@@ -1,19 +1,26 @@
-"""loguru set-up: plain single lines for journald, JSON on request; stdlib logging routed in."""
+"""loguru set-up: plain single lines, JSON on request; stdlib logging routed in.
+
+Under journald (`$JOURNAL_STREAM` names our stderr, see sd-daemon(3)) every line starts with the
+syslog priority as `<N>` and carries no timestamp of its own: journald stamps each entry and takes its
+PRIORITY from the prefix, so `journalctl -p warning` shows warnings and errors (tracebacks included).
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from loguru import logger
 
 from agent.config import LogConfig, LogFormat
 
 if TYPE_CHECKING:
-    from loguru import Record
+    from loguru import Message, Record
 
 TEXT_FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7} {message}"
+JOURNAL_FORMAT = "{level: <7} {message}"  # journald adds the time itself
 # Control characters in a message (a dropped file's name may hold a newline) are shown escaped, so
 # a file name can never forge or split a log line.
 _ESCAPED = {c: ("\\n" if c == 10 else "\\r" if c == 13 else f"\\x{c:02x}")
@@ -30,12 +37,54 @@ def _one_line(record: Record) -> None:
     record["message"] = escape_controls(record["message"])
 
 
-def _text_format(record: Record) -> str:
-    """TEXT_FORMAT; a record about a file whose message does not name it gets `[#id 'name']` added."""
+def _with_file(base: str, record: Record) -> str:
+    """base; a record about a file whose message does not name it gets `[#id 'name']` added."""
     extra = record["extra"]
     if "file_id" in extra and f"#{extra['file_id']} " not in record["message"]:
-        return TEXT_FORMAT + " [#{extra[file_id]} {extra[file]!r}]\n{exception}"
-    return TEXT_FORMAT + "\n{exception}"
+        return base + " [#{extra[file_id]} {extra[file]!r}]\n{exception}"
+    return base + "\n{exception}"
+
+
+def _text_format(record: Record) -> str:
+    return _with_file(TEXT_FORMAT, record)
+
+
+def _journal_format(record: Record) -> str:
+    return _with_file(JOURNAL_FORMAT, record)
+
+
+def syslog_priority(level_no: int) -> int:
+    """loguru level number -> syslog priority (TRACE/DEBUG 7, INFO 6, SUCCESS 5, WARNING 4, ERROR 3,
+    CRITICAL 2)."""
+    for threshold, priority in ((50, 2), (40, 3), (30, 4), (25, 5), (20, 6)):
+        if level_no >= threshold:
+            return priority
+    return 7
+
+
+def under_journald(stream: TextIO | None = None) -> bool:
+    """True when $JOURNAL_STREAM (`device:inode`) is the stream's file, as sd-daemon(3) says to check."""
+    device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    if not (device.isdigit() and inode.isdigit()):
+        return False
+    try:
+        status = os.fstat((stream or sys.stderr).fileno())
+    except (OSError, ValueError):
+        return False
+    return (status.st_dev, status.st_ino) == (int(device), int(inode))
+
+
+class _JournalSink:
+    """Writes each line of a record (a traceback has several) with its `<N>` priority prefix."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def __call__(self, message: Message) -> None:
+        prefix = f"<{syslog_priority(message.record['level'].no)}>"
+        lines = str(message).rstrip("\n").split("\n")
+        self._stream.write("".join(f"{prefix}{line}\n" for line in lines))
+        self._stream.flush()
 
 
 class _InterceptHandler(logging.Handler):
@@ -53,13 +102,18 @@ def setup_logging(config: LogConfig | None = None) -> None:
     config = config or LogConfig()
     logger.remove()
     logger.configure(patcher=_one_line)
-    logger.add(
-        sys.stderr,
-        level=config.level,
-        format=_text_format,
-        colorize=sys.stderr.isatty(),
-        serialize=config.format == LogFormat.JSON,
-        backtrace=False,
-        diagnose=False,  # never print local variables (they may hold key material)
-    )
+    serialize = config.format == LogFormat.JSON
+    if under_journald():
+        logger.add(_JournalSink(sys.stderr), level=config.level, format=_journal_format, colorize=False,
+                   serialize=serialize, backtrace=False, diagnose=False)
+    else:
+        logger.add(
+            sys.stderr,
+            level=config.level,
+            format=_text_format,
+            colorize=sys.stderr.isatty(),
+            serialize=serialize,
+            backtrace=False,
+            diagnose=False,  # never print local variables (they may hold key material)
+        )
     logging.basicConfig(handlers=[_InterceptHandler()], level=logging.WARNING, force=True)

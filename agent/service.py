@@ -233,8 +233,8 @@ def run_daemon(config: Config) -> int:
             new_config = _reread(config)
             if new_config is None:
                 continue
-            notifier.status("reloading configuration")
-            _stop(agent, metrics, config)
+            notifier.reloading()
+            _stop(agent, metrics, config, reloading=True)
             config = new_config
             setup_logging(config.log)
             agent, metrics = _start(config, notifier)
@@ -262,8 +262,10 @@ def _start(config: Config, notifier: Notifier) -> tuple[Agent, Metrics | None]:
     return agent, metrics
 
 
-def _stop(agent: Agent, metrics: Metrics | None, config: Config) -> None:
-    logger.info("stopping (an upload in flight gets up to {} s)", config.daemon.stop_timeout_seconds)
+def _stop(agent: Agent, metrics: Metrics | None, config: Config, reloading: bool = False) -> None:
+    logger.info("{} (an upload in flight gets up to {} s)",
+                "reloading: restarting the agent with the new configuration" if reloading else "stopping",
+                config.daemon.stop_timeout_seconds)
     agent.stop()
     if metrics is not None:
         metrics.stop()

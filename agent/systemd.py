@@ -1,4 +1,4 @@
-"""systemd integration: the sd_notify protocol (READY, STOPPING, WATCHDOG, STATUS) and credentials.
+"""systemd integration: the sd_notify protocol (READY, RELOADING, STOPPING, WATCHDOG, STATUS), credentials.
 
 The protocol is one datagram per notification to the AF_UNIX socket named by $NOTIFY_SOCKET (a path,
 or an abstract name written with a leading '@'). It is small enough for the standard library; the
@@ -79,6 +79,10 @@ class Notifier:
 
     def ready(self, status: str) -> bool:
         return self.notify("READY=1", f"MAINPID={os.getpid()}", f"STATUS={_one_line(status)}")
+
+    def reloading(self, status: str = "reloading configuration") -> bool:
+        """RELOADING=1 (`systemctl reload` waits for the READY=1 that follows)."""
+        return self.notify("RELOADING=1", f"STATUS={_one_line(status)}")
 
     def stopping(self, status: str = "stopping") -> bool:
         return self.notify("STOPPING=1", f"STATUS={_one_line(status)}")

@@ -203,3 +203,43 @@ def test_agent_runs_with_memory_deny_write_execute(mdwe_probe: None, sshd_server
                             capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
     assert [p.read_bytes() for p in sshd_server.local_remote_dir.iterdir()] == [payload]
+
+
+# ---------------------------------------------------------------- journald
+
+
+_JOURNALD_CHILD = """
+import os, sys
+from loguru import logger
+from agent.logs import setup_logging
+if sys.argv[1] == "journald":
+    status = os.fstat(2)
+    os.environ["JOURNAL_STREAM"] = f"{status.st_dev}:{status.st_ino}"
+setup_logging()
+logger.info("hello")
+logger.warning("careful")
+try:
+    raise ValueError("boom")
+except ValueError:
+    logger.exception("failed")
+"""
+
+
+@pytest.mark.parametrize("mode", ["journald", "terminal"])
+def test_log_lines_under_journald_carry_priority_and_no_timestamp(tmp_path: Path, mode: str) -> None:
+    """$JOURNAL_STREAM naming stderr: `<N>` syslog priority on every line (tracebacks too), no time."""
+    with open(tmp_path / "stderr", "w+") as stderr:
+        subprocess.run([sys.executable, "-c", _JOURNALD_CHILD, mode], cwd=REPO, stderr=stderr, timeout=60,
+                       check=True, env={**os.environ, "PYTHONPATH": str(REPO), "JOURNAL_STREAM": "1:2"})
+    lines = (tmp_path / "stderr").read_text().splitlines()
+    stamp = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")
+    if mode == "terminal":  # a stale $JOURNAL_STREAM (another file) is ignored: plain lines
+        assert all(not line.startswith("<") for line in lines), lines
+        assert stamp.match(lines[0]) and lines[0].endswith("INFO    hello"), lines
+        return
+    assert lines[0] == "<6>INFO    hello", lines
+    assert lines[1] == "<4>WARNING careful", lines
+    assert lines[2] == "<3>ERROR   failed", lines
+    assert len(lines) > 4 and all(line.startswith("<3>") for line in lines[2:]), lines  # the traceback
+    assert any("ValueError: boom" in line for line in lines)
+    assert not any(stamp.search(line) for line in lines), lines
