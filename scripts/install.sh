@@ -101,10 +101,15 @@ if [ "$uninstall" = 1 ]; then
     systemctl daemon-reload
     systemctl reset-failed "$unit" 2>/dev/null || true
   fi
+  # what is still installed: the template with an instance, or the plain unit with its configuration
+  # (install.sh writes both unit files; the plain one without agent.toml was never set up)
   units_left=0
-  for file in saasquatch-agent.service saasquatch-agent@.service; do
-    [ -e "$UNIT_DIR/$file" ] && units_left=1
-  done
+  [ -e "$UNIT_DIR/saasquatch-agent@.service" ] && units_left=1
+  [ -e "$UNIT_DIR/saasquatch-agent.service" ] && [ -e "$ETC/agent.toml" ] && units_left=1
+  if [ "$units_left" = 0 ] && [ -e "$UNIT_DIR/saasquatch-agent.service" ]; then
+    rm -f "$UNIT_DIR/saasquatch-agent.service"
+    if have_systemd; then systemctl daemon-reload; fi
+  fi
   if [ "$purge" = 1 ]; then
     rm -f "$config" "$key" "$key.pub" "$known_hosts"
     if [ -n "$instance" ]; then

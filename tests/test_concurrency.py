@@ -111,8 +111,8 @@ def test_batched_claim_commits_rows_then_moves_and_forgets_vanished_files(tmp_pa
     intake = Intake(config, journal, Filer(config, journal), DropScanner(config.paths.drop, []),
                     lambda: queued.append(1))
     files = [config.paths.drop / f"users_{i}.csv" for i in range(3)]
-    for path in files:
-        path.write_text("accountId,id,email\nacct-1,u1,a@example.com\n")
+    for index, path in enumerate(files):  # distinct contents: equal ones are refused as duplicates
+        path.write_text(f"accountId,id,email\nacct-{index},u{index},a{index}@example.com\n")
     missing = config.paths.drop / "users_gone.csv"
     intake.claim_many([(files[0], None), (missing, None), (files[1], None), (files[2], None)])
     try:
