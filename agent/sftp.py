@@ -215,14 +215,34 @@ class SftpSession:
         self._sftp: paramiko.SFTPClient | None = None
         self._lock = threading.Lock()
         self._write_size: tuple[paramiko.SFTPClient, int] | None = None  # per connection
+        self._pending_error: Exception | None = None  # try_connect()'s failure, for the next client()
 
     def client(self) -> paramiko.SFTPClient:
         with self._lock:
+            pending, self._pending_error = self._pending_error, None
+            if pending is not None:
+                raise pending  # the attempt try_connect() just made failed: reported, not repeated
             if self._sftp is not None and self._alive():
                 return self._sftp
             self._close_locked()
             self._sftp = self._connect()
             return self._sftp
+
+    def try_connect(self) -> Exception | None:
+        """Connect now (SessionPool); the failure is returned and raised once more by the next
+        `client()` call, so the caller that gets this session reports it without connecting again."""
+        try:
+            self.client()
+        except (ConnectError, PrivateKeyError) as exc:
+            with self._lock:
+                self._pending_error = exc
+            return exc
+        return None
+
+    def forget_error(self) -> None:
+        """Drop the failure try_connect() kept (the pool handled it)."""
+        with self._lock:
+            self._pending_error = None
 
     @property
     def connected(self) -> bool:

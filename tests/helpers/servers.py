@@ -174,8 +174,10 @@ class _DaemonServer:
             while True:  # bounded by startup_timeout
                 code = self._proc.poll()
                 if code is not None:
-                    raise RuntimeError(f"{self.program_name} exited with code {code}:\n{self.read_log()[-3000:]}")
-                self.banner = _read_banner(self.host, self.port, max(0.1, min(1.0, deadline - time.monotonic())))
+                    raise RuntimeError(f"{self.program_name} exited with code {code}:\n"
+                                       f"{self.read_log()[-3000:]}")
+                wait = max(0.1, min(1.0, deadline - time.monotonic()))
+                self.banner = _read_banner(self.host, self.port, wait)
                 if self.banner is not None:
                     return self
                 if time.monotonic() >= deadline:
