@@ -23,7 +23,7 @@ from tests.helpers.servers import SERVER_IDS, SERVERS, ServerSpec, SftpTestServe
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(150)]
 
-DELIVERY_TIMEOUT = 45.0  # seconds a scenario waits for every file to reach archive/
+DELIVERY_TIMEOUT = 30.0  # seconds a scenario waits for every file to reach archive/ (each takes < 6 s)
 BIG_BYTES = 30 * 1024 * 1024
 
 
@@ -163,14 +163,15 @@ def test_crash_mid_file_and_resume(server: tuple[ServerSpec, SftpTestServer], tm
     def partial_on_server() -> bool:
         sizes = [size for size in (_size(p) for p in srv.local_remote_dir.iterdir()) if size is not None]
         seen[:] = sizes
-        return any(3_000_000 <= size < len(big) for size in sizes)
+        return any(3_000_000 <= size < len(big) for size in sizes) or failed_files(env) != []
 
     try:
         mid = wait_until(partial_on_server, 30, interval=0.02)
         env.kill()
     finally:
         env.kill()
-    assert mid, f"no partial upload seen on the server (sizes {seen}):\n{env.log()[-3000:]}"
+    assert mid and failed_files(env) == [], \
+        f"no partial upload on the server (sizes {seen}):\n{env.log()[-3000:]}"
     assert not any(size == len(big) for size in seen) or len(seen) > 1, "the kill came too late"
     deliver(env, 1)
     assert_delivered(env, srv, {"users_crash.csv": big})
@@ -224,3 +225,86 @@ def test_status_consumed(server: tuple[ServerSpec, SftpTestServer], tmp_path: Pa
         deliver(env, len(inputs))
     assert_delivered(env, srv, inputs, taken=consumer.taken)
     assert len(consumer.taken) == len(inputs)
+
+
+# ---------------------------------------------------------------------------------------------- doctor
+
+
+def test_doctor_runs_the_publish_protocol(server: tuple[ServerSpec, SftpTestServer], tmp_path: Path) -> None:
+    """With the settings the server needs, doctor passes: publish protocol once, extensions listed."""
+    spec, srv = server
+    env = agent_env(tmp_path, spec, srv)
+    result = env.cli("doctor", "--config", str(env.config_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "PASS remote folder writable: publish protocol works" in result.stdout
+    assert "PASS SFTP extensions: offered:" in result.stdout
+    assert server_files(srv) == {}, "doctor left a file on the server"
+
+
+@pytest.mark.parametrize("server", [spec for spec in SERVERS if spec.id == "proftpd-nohidden"], indirect=True,
+                         ids=["proftpd-nohidden"])
+def test_doctor_names_the_refused_hidden_temporary_name(server: tuple[ServerSpec, SftpTestServer],
+                                                        tmp_path: Path) -> None:
+    _, srv = server
+    env = agent_env(tmp_path, ServerSpec("default-names", SERVERS[0].make, ""), srv)
+    result = env.cli("doctor", "--config", str(env.config_path))
+    assert result.returncode == 1
+    line = next(line for line in result.stdout.splitlines() if line.startswith("FAIL remote folder writable"))
+    assert "could not create the temporary file: the server refused /imports/.doctor-" in line, line
+    assert "upload.temp_name" in result.stdout and "hidden names" in result.stdout
+    assert server_files(srv) == {}
+
+
+@pytest.mark.parametrize("server", [spec for spec in SERVERS if spec.id == "openssh-rsa-sha1"], indirect=True,
+                         ids=["openssh-rsa-sha1"])
+def test_doctor_suggests_rsa_sha1(server: tuple[ServerSpec, SftpTestServer], tmp_path: Path) -> None:
+    _, srv = server
+    env = agent_env(tmp_path, ServerSpec("no-rsa-sha1", SERVERS[0].make, ""), srv)
+    result = env.cli("doctor", "--config", str(env.config_path))
+    assert result.returncode == 1
+    assert "FAIL SSH login: the server refused key authentication" in result.stdout
+    assert "set sftp.rsa_sha1 = true" in result.stdout
+
+
+@pytest.mark.parametrize("server", [spec for spec in SERVERS if spec.id == "openssh-no-posix-rename"],
+                         indirect=True, ids=["openssh-no-posix-rename"])
+def test_doctor_reports_plain_rename(server: tuple[ServerSpec, SftpTestServer], tmp_path: Path) -> None:
+    spec, srv = server
+    env = agent_env(tmp_path, spec, srv)
+    result = env.cli("doctor", "--config", str(env.config_path))
+    assert result.returncode == 0, result.stdout
+    assert "renamed (plain rename: the server refuses or lacks posix-rename)" in result.stdout
+    # `sftp-server -P posix-rename` also stops announcing it
+    assert "the agent uses: plain rename (no posix-rename offered" in result.stdout
+
+
+@pytest.mark.parametrize("server", [spec for spec in SERVERS if spec.id == "openssh-no-posix-rename"],
+                         indirect=True, ids=["openssh-no-posix-rename"])
+def test_publish_rename_falls_back_and_remembers(server: tuple[ServerSpec, SftpTestServer]) -> None:
+    """posix-rename denied: plain rename publishes, the connection remembers it, nothing is replaced."""
+    from agent.config import SftpConfig
+    from agent.sftp import SftpSession, posix_rename_supported, publish_rename
+
+    _, srv = server
+    session = SftpSession(SftpConfig(host=srv.host, port=srv.port, username=srv.username,
+                                     private_key=srv.user_key_path, known_hosts=srv.known_hosts_path,
+                                     remote_dir=srv.remote_dir))
+    try:
+        sftp = session.client()
+        assert not posix_rename_supported(sftp)  # `-P posix-rename` takes it off the VERSION list too
+        sftp.extensions = None  # as a server that announces nothing but denies the request
+        assert posix_rename_supported(sftp)
+        for index in range(2):
+            with sftp.open(f"{srv.remote_dir}/.{index}.part", "wb") as handle:
+                handle.write(b"data %d" % index)
+        publish_rename(sftp, f"{srv.remote_dir}/.0.part", f"{srv.remote_dir}/users_0.csv")
+        assert not posix_rename_supported(sftp)  # remembered for this connection
+        with pytest.raises(FileExistsError, match=r"users_0\.csv"):
+            publish_rename(sftp, f"{srv.remote_dir}/.1.part", f"{srv.remote_dir}/users_0.csv")
+        assert server_files(srv) == {"users_0.csv": b"data 0", ".1.part": b"data 1"}
+        session.drop()
+        fresh = session.client()
+        fresh.extensions = None
+        assert posix_rename_supported(fresh)  # a new connection tries again
+    finally:
+        session.close()
