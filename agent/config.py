@@ -42,6 +42,9 @@ class SftpConfig(_Section):
     keepalive_seconds: Annotated[int, Field(ge=0)] = 15
     proxy_command: str | None = None  # as OpenSSH's ProxyCommand (%h host, %p port, %r user, %% a %)
     bandwidth_limit: Annotated[int, Field(ge=0)] = 0  # bytes per second while uploading; 0 = no limit
+    # allow ssh-rsa (SHA-1) signatures with an RSA key, for servers that accept nothing else; SHA-2
+    # is still tried first
+    rsa_sha1: bool = False
 
     @field_validator("private_key", mode="before")
     @classmethod

@@ -24,17 +24,29 @@ import paramiko
 
 from agent.config import Config
 from agent.sftp import (
+    LIMITS_EXTENSION,
+    POSIX_RENAME_EXTENSION,
+    USED_EXTENSIONS,
     ConnectError,
     PrivateKeyError,
     SftpSession,
     known_hosts_name,
     load_private_key,
+    plain_rename,
+    posix_rename_refused,
     private_key_path,
     proxy_sock,
+    server_extensions,
+    server_write_limit,
 )
 from agent.trust import TrustError, fetch_host_key, known_keys
 
 PROBE_PREFIX = ".saasquatch-agent-doctor-"  # hidden and without an import prefix: never imported
+VISIBLE_PROBE_PREFIX = "saasquatch-agent-doctor-"  # for a server that refuses hidden names
+PROBE_BYTES = b"saasquatch-agent doctor probe; safe to delete\n"
+# offered by some servers, not used: the agent hashes what it sends and checks the remote size
+NOT_USED_EXTENSIONS = ("check-file", "check-file-name", "check-file-handle", "md5-hash", "md5-hash-handle",
+                       "copy-data", "hardlink@openssh.com", "fsync@openssh.com", "statvfs@openssh.com")
 MAX_CLOCK_SKEW_SECONDS = 300.0
 EARLIEST_SANE_YEAR = 2025
 
@@ -73,6 +85,7 @@ class Doctor:
         self.failed: set[str] = set()
         self._session: SftpSession | None = None
         self._server_time: float | None = None
+        self._posix_rename: bool | None = None  # None: not tried; False: refused (plain rename used)
 
     # ------------------------------------------------------------------ checks
 
@@ -183,9 +196,35 @@ class Doctor:
         try:
             self._session.client()
         except (ConnectError, PrivateKeyError) as exc:
+            if isinstance(exc, ConnectError) and exc.key_refused and self._rsa_sha1_helps():
+                raise _Failed(f"{exc}; the server does accept this RSA key with ssh-rsa (SHA-1) signatures",
+                              "set sftp.rsa_sha1 = true (the server accepts no SHA-2 RSA signature), or"
+                              " make an ED25519 key with keygen and paste it into SaaSquatch") from None
+            if isinstance(exc, ConnectError) and exc.dropped:
+                raise _Failed(str(exc), "the server closed the connection before or during login: check"
+                              " that no other client holds its connections for this user, then try"
+                              " again") from None
             raise _Failed(str(exc), "paste the .pub line of the key into SaaSquatch's SFTP integration page"
                           " and use the tenant alias as sftp.username") from None
         return f"logged in as {self.cfg.username} with the key"
+
+    def _rsa_sha1_helps(self) -> bool:
+        """An RSA key refused without sftp.rsa_sha1: would ssh-rsa (SHA-1) signatures be accepted?"""
+        if self.cfg.rsa_sha1:
+            return False
+        try:
+            if load_private_key(private_key_path(self.cfg)).get_name() != "ssh-rsa":
+                return False
+        except PrivateKeyError:
+            return False
+        trial = SftpSession(self.cfg.model_copy(update={"rsa_sha1": True}))
+        try:
+            trial.client()
+        except (ConnectError, PrivateKeyError):
+            return False
+        finally:
+            trial.close()
+        return True
 
     def check_remote_list(self) -> str:
         assert self._session is not None
@@ -196,26 +235,102 @@ class Doctor:
                           "set sftp.remote_dir to the upload folder SaaSquatch gives you") from None
         return f"{self.cfg.remote_dir} is listable ({len(names)} entries)"
 
+    def _probe_names(self, token: str) -> tuple[str, str]:
+        """The temporary name (upload.temp_name and temp_dir, a doctor id) and a unique final name no
+        import prefix matches: hidden like the temporary name, or visible when that one is."""
+        upload = self.config.upload
+        temp_name = upload.temp_name.format(id=f"doctor-{token}", stem="saasquatch-agent-doctor")
+        temp = posixpath.join(upload.temp_dir or self.cfg.remote_dir, temp_name)
+        prefix = PROBE_PREFIX
+        if not temp_name.startswith(".") and not any(
+                VISIBLE_PROBE_PREFIX.startswith(p) for p in self._import_prefixes()):
+            prefix = VISIBLE_PROBE_PREFIX  # the server may refuse hidden names
+        return temp, posixpath.join(self.cfg.remote_dir, f"{prefix}{token}.probe")
+
+    def _import_prefixes(self) -> list[str]:
+        prefixes = self.config.imports.prefixes
+        return [str(value) for value in prefixes.model_dump().values()]
+
     def check_remote_write(self) -> str:
+        """The publish protocol once, with the configured names: write the temporary file, check its
+        size, rename it to a final name, delete that; says which step and name the server refused."""
         assert self._session is not None
         sftp = self._session.client()
-        probe = posixpath.join(self.cfg.remote_dir, f"{PROBE_PREFIX}{secrets.token_hex(6)}.probe")
+        temp, final = self._probe_names(secrets.token_hex(6))
+        step = "create the temporary file"
         try:
-            with sftp.open(probe, "wb") as handle:
-                handle.write(b"saasquatch-agent doctor probe; safe to delete\n")
-            mtime = sftp.stat(probe).st_mtime
+            with sftp.open(temp, "wb") as handle:
+                step = "write the temporary file"
+                handle.write(PROBE_BYTES)
+            step = "check the temporary file's size"
+            attributes = sftp.stat(temp)
+            if attributes.st_size != len(PROBE_BYTES):
+                raise OSError(None, f"the server kept {attributes.st_size} of {len(PROBE_BYTES)} bytes")
+            mtime = attributes.st_mtime
             self._server_time = float(mtime) if mtime is not None else None
+            step = "rename the temporary file to a final name"
+            how = self._rename(sftp, temp, final)
         except OSError as exc:
             with contextlib.suppress(OSError):
-                sftp.remove(probe)
-            raise _Failed(f"cannot write {probe}: {exc.strerror or exc}",
-                          "the SFTP user needs write access to sftp.remote_dir; ask SaaSquatch") from None
+                sftp.remove(temp)
+            name = final if step.startswith("rename") else temp
+            raise _Failed(f"could not {step}: the server refused {name} ({exc.strerror or exc})",
+                          self._write_fix(step, temp)) from None
         try:
-            sftp.remove(probe)
+            sftp.remove(final)
         except OSError as exc:
-            raise _Failed(f"wrote {probe} but cannot remove it: {exc.strerror or exc}",
-                          f"remove {probe} by hand; the agent needs rename rights in remote_dir") from None
-        return f"{self.cfg.remote_dir} is writable (probe file written and removed)"
+            raise _Failed(f"published {final} but cannot remove it: {exc.strerror or exc}",
+                          f"remove {final} by hand; the agent needs rename rights in remote_dir") from None
+        return (f"publish protocol works: wrote {temp}, size checked, {how} to {final}, removed it"
+                " (probe file written and removed)")
+
+    def _rename(self, sftp: paramiko.SFTPClient, temp: str, final: str) -> str:
+        extensions = server_extensions(sftp)
+        if extensions is None or POSIX_RENAME_EXTENSION in extensions:
+            try:
+                sftp.posix_rename(temp, final)
+                self._posix_rename = True
+                return "posix-renamed"
+            except OSError as exc:
+                if not posix_rename_refused(exc):
+                    raise
+        plain_rename(sftp, temp, final)
+        self._posix_rename = False
+        return "renamed (plain rename: the server refuses or lacks posix-rename)"
+
+    def _write_fix(self, step: str, temp: str) -> str:
+        temp_name = posixpath.basename(temp)
+        if step.startswith(("create", "write")) and temp_name.startswith("."):
+            return ("the server may refuse hidden names: set upload.temp_name to a visible pattern such as"
+                    ' "agent-{id}.part" (or upload.temp_dir to a folder it allows); else the SFTP user needs'
+                    " write access to sftp.remote_dir: ask SaaSquatch")
+        if step.startswith("rename"):
+            return "the SFTP user needs rename rights in sftp.remote_dir; ask SaaSquatch"
+        return "the SFTP user needs write access to sftp.remote_dir (and upload.temp_dir); ask SaaSquatch"
+
+    def check_extensions(self) -> str:
+        """The SFTP extensions the server announced, and which of them the agent uses."""
+        assert self._session is not None
+        sftp = self._session.client()
+        extensions = server_extensions(sftp)
+        if extensions is None:
+            return "the server's extensions are not known"
+        used = []
+        if POSIX_RENAME_EXTENSION in extensions:
+            used.append("posix-rename" if self._posix_rename is not False
+                        else "not posix-rename (offered, but refused: plain rename is used)")
+        else:
+            used.append("plain rename (no posix-rename offered; it never replaces a name)")
+        if LIMITS_EXTENSION in extensions:
+            limit = server_write_limit(sftp)
+            used.append(f"limits (writes of {min(limit, 128 * 1024) if limit else 32768} bytes)")
+        unused = [name for name in extensions if name not in USED_EXTENSIONS]
+        offered = ", ".join(sorted(extensions)) or "none"
+        detail = f"offered: {offered}; the agent uses: {'; '.join(used)}"
+        known_unused = [name for name in unused if name in NOT_USED_EXTENSIONS]
+        if known_unused:
+            detail += f"; not used: {', '.join(sorted(known_unused))} (the agent hashes what it sends)"
+        return detail
 
     def check_clock(self) -> str:
         now = time.time()
@@ -244,6 +359,7 @@ class Doctor:
             ("SSH login", self.check_login, ("private key", "host key")),
             ("remote folder listable", self.check_remote_list, ("SSH login",)),
             ("remote folder writable", self.check_remote_write, ("remote folder listable",)),
+            ("SFTP extensions", self.check_extensions, ("SSH login",)),
             ("clock", self.check_clock, ()),
         ]
 

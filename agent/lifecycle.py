@@ -42,6 +42,7 @@ from agent.remote_status import (
     status_folders,
     verdict,
 )
+from agent.session_pool import SessionPool
 from agent.sftp import ConnectError, PrivateKeyError, SftpSession
 from agent.upload import Uploader
 
@@ -77,6 +78,7 @@ class Lifecycle:
         self.filer = filer
         self.notifier = Notifier(config.notify)
         self.session = SftpSession(config.sftp)
+        self.pool: SessionPool | None = None  # share_connections(): poll over the upload connections
         self._archive_lock = threading.Lock()  # the compress and retention jobs never overlap
         filer.on_failed = self._notify_failed
         if config.status.tracking:
@@ -124,17 +126,35 @@ class Lifecycle:
         return [r for r in self.journal.unfinished()
                 if r.state in _RANK and not r.pending_path and r.remote_name]
 
+    def share_connections(self, pool: SessionPool) -> None:
+        """Poll over the upload threads' connections (the poll's session joins the pool): a server
+        that allows one connection per user is never asked for a second one by the poll."""
+        pool.add(self.session)
+        self.pool = pool
+
     def poll(self) -> None:
         """One status poll: one listing per folder, then each tracked file moves on (or not)."""
         records = self.tracked()
         if not records:
             return
+        pool = self.pool
+        try:
+            session = pool.acquire() if pool is not None else self.session
+        except InterruptedError:  # stopping
+            return
+        try:
+            self._poll(session, records)
+        finally:
+            if pool is not None:
+                pool.release(session)
+
+    def _poll(self, session: SftpSession, records: list[FileRecord]) -> None:
         remote_dir = self.config.sftp.remote_dir
         try:
-            sftp = self.session.client()
+            sftp = session.client()
             snapshot = Snapshot.take(sftp, status_folders(self.config.status, remote_dir))
         except (ConnectError, PrivateKeyError, OSError, EOFError, paramiko.SSHException) as exc:
-            self.session.drop()
+            session.drop()
             logger.warning("status poll: cannot list the server ({}); {} file(s) wait for the next poll",
                            exc, len(records))
             return
@@ -144,7 +164,7 @@ class Lifecycle:
             try:
                 self._follow(sftp, snapshot, record)
             except (OSError, EOFError, paramiko.SSHException) as exc:
-                self.session.drop()
+                session.drop()
                 logger.warning("status poll stopped at {}: {}; the rest wait for the next poll",
                                record.label, exc)
                 return

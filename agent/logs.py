@@ -88,13 +88,22 @@ class _JournalSink:
 
 
 class _InterceptHandler(logging.Handler):
-    """Send records of libraries that use stdlib logging (APScheduler, paramiko) to loguru."""
+    """Send records of libraries that use stdlib logging (APScheduler, paramiko) to loguru.
+
+    paramiko logs a dropped or refused connection at ERROR, its traceback one line per record
+    ("Exception (client): Error reading SSH protocol banner", then "Traceback ..."); the agent
+    reports the same fault itself in one line, so paramiko's ERROR records go to DEBUG.
+    """
 
     def emit(self, record: logging.LogRecord) -> None:
-        try:
-            level: str | int = logger.level(record.levelname).name
-        except ValueError:
-            level = record.levelno
+        level: str | int
+        if record.name.startswith("paramiko") and record.levelno >= logging.ERROR:
+            level = "DEBUG"
+        else:
+            try:
+                level = logger.level(record.levelname).name
+            except ValueError:
+                level = record.levelno
         logger.opt(depth=6, exception=record.exc_info).log(level, "{}: {}", record.name, record.getMessage())
 
 
@@ -117,3 +126,6 @@ def setup_logging(config: LogConfig | None = None) -> None:
             diagnose=False,  # never print local variables (they may hold key material)
         )
     logging.basicConfig(handlers=[_InterceptHandler()], level=logging.WARNING, force=True)
+    # log.level = "DEBUG": paramiko's own account of the connection too (kex, auth, disconnects)
+    logging.getLogger("paramiko").setLevel(logging.DEBUG if config.level in ("DEBUG", "TRACE")
+                                           else logging.NOTSET)

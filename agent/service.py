@@ -63,6 +63,8 @@ class Agent:
         self.uploader = Uploader(config, self.journal, self.filer, self.session)
         self.worker = UploadWorker(self.uploader, self.journal, config.upload.concurrency)
         self.lifecycle = Lifecycle(config, self.journal, self.filer, self.uploader)  # after the upload
+        # the status poll borrows the upload threads' connections (a server may allow only one)
+        self.lifecycle.share_connections(self.worker._sessions)
         self.intake = Intake(config, self.journal, self.filer, self.scanner, self.worker.wake)
         self.settle = SettleQueue(config.watch.settle_seconds, self.intake.claim_many,
                                   self.intake.check_again)

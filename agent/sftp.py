@@ -12,14 +12,16 @@ import os
 import re
 import socket
 import stat
+import struct
 import threading
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any
 
 import paramiko
 from loguru import logger
-from paramiko.sftp import CMD_EXTENDED, CMD_EXTENDED_REPLY
+from paramiko.sftp import CMD_EXTENDED, CMD_EXTENDED_REPLY, CMD_INIT, CMD_VERSION
 
 from agent.config import SftpConfig
 from agent.sftp_batch import PipelinedSFTPClient
@@ -37,6 +39,13 @@ TRANSPORT_WINDOW = 16 * 1024 * 1024  # SSH channel window we grant the server (p
 # not state one get SFTP_WRITE_CHUNK, the size every server takes. bench/RESULTS.md has the numbers.
 MAX_WRITE_REQUEST = 128 * 1024
 LIMITS_EXTENSION = "limits@openssh.com"
+POSIX_RENAME_EXTENSION = "posix-rename@openssh.com"
+# SFTP extensions the agent uses when the server offers them (`doctor` reports them)
+USED_EXTENSIONS = {
+    POSIX_RENAME_EXTENSION: "publishes with posix-rename (else plain rename, which never replaces a name)",
+    LIMITS_EXTENSION: "WRITE requests as large as the server allows (up to 128 KiB)",
+}
+RSA_SHA2_ALGORITHMS = ("rsa-sha2-512", "rsa-sha2-256")
 
 
 def make_transport(sock: socket.socket | paramiko.ProxyCommand, **kwargs: Any) -> paramiko.Transport:
@@ -53,7 +62,18 @@ class PrivateKeyError(Exception):
 
 
 class ConnectError(Exception):
-    """The server could not be reached or would not let us in; always worth retrying later."""
+    """The server could not be reached or would not let us in; always worth retrying later.
+
+    `dropped` is True when the server closed or refused the connection without a verdict on us
+    (EOF or a disconnect before or during login, a refused TCP connection): what a server that
+    limits connections per user or unauthenticated connections (ProFTPD MaxClientsPerUser, OpenSSH
+    MaxStartups) does to a connection beyond its limit. `key_refused`: the server rejected the key.
+    """
+
+    def __init__(self, message: str, *, dropped: bool = False, key_refused: bool = False) -> None:
+        super().__init__(message)
+        self.dropped = dropped
+        self.key_refused = key_refused
 
 
 SUPPORTED_KEY_TYPES = {"ssh-ed25519": "ED25519", "ssh-rsa": "RSA"}  # what SaaSquatch accepts
@@ -126,6 +146,66 @@ def known_hosts_name(host: str, port: int) -> str:
     return host if port == 22 else f"[{host}]:{port}"
 
 
+def disabled_algorithms(cfg: SftpConfig, key: paramiko.PKey) -> dict[str, list[str]]:
+    """paramiko's `disabled_algorithms`: ssh-rsa (SHA-1) signatures only with sftp.rsa_sha1."""
+    if cfg.rsa_sha1 and key.get_name() == "ssh-rsa":
+        return {}  # SHA-2 first; SHA-1 after the server refused it (SftpSession._connect)
+    return {"pubkeys": ["ssh-rsa"]}
+
+
+def key_refused(exc: paramiko.AuthenticationException, ssh: paramiko.SSHClient) -> bool:
+    """The server answered our key with a refusal (the connection is still up), as opposed to
+    closing the connection during login, which paramiko raises as an AuthenticationException too."""
+    transport = ssh.get_transport()
+    if transport is None or not transport.is_active():
+        return False
+    return "saw EOF" not in str(exc)
+
+
+class AgentSFTPClient(PipelinedSFTPClient):
+    """The agent's SFTP client: `PipelinedSFTPClient` that keeps the extensions the server announced
+    in its VERSION packet (paramiko reads and discards them): `extensions`, name -> data."""
+
+    extensions: dict[str, bytes] | None = None
+
+    def _send_version(self) -> int:
+        message = paramiko.Message()
+        message.add_int(3)
+        self._send_packet(CMD_INIT, message)
+        kind, data = self._read_packet()
+        if kind != CMD_VERSION:
+            raise paramiko.SFTPError("Incompatible sftp protocol")
+        version = int(struct.unpack(">I", data[:4])[0])
+        self.extensions = parse_extensions(data[4:])
+        return version
+
+
+def parse_extensions(data: bytes) -> dict[str, bytes]:
+    """The (name, data) string pairs after the version number in an SFTP VERSION packet."""
+    found: dict[str, bytes] = {}
+    offset = 0
+    for _ in range(256):  # bounded: a server announces a handful
+        if offset + 4 > len(data):
+            break
+        pair: list[bytes] = []
+        for _ in range(2):
+            if offset + 4 > len(data):
+                return found
+            (length,) = struct.unpack(">I", data[offset:offset + 4])
+            offset += 4
+            if offset + length > len(data):
+                return found
+            pair.append(data[offset:offset + length])
+            offset += length
+        found[pair[0].decode("utf-8", "replace")] = pair[1]
+    return found
+
+
+def server_extensions(sftp: paramiko.SFTPClient) -> dict[str, bytes] | None:
+    """The extensions the server announced on this connection; None when not known."""
+    return getattr(sftp, "extensions", None)
+
+
 class SftpSession:
     """A lazily opened, reused SFTP connection; `client()` reconnects after a drop."""
 
@@ -135,14 +215,34 @@ class SftpSession:
         self._sftp: paramiko.SFTPClient | None = None
         self._lock = threading.Lock()
         self._write_size: tuple[paramiko.SFTPClient, int] | None = None  # per connection
+        self._pending_error: Exception | None = None  # try_connect()'s failure, for the next client()
 
     def client(self) -> paramiko.SFTPClient:
         with self._lock:
+            pending, self._pending_error = self._pending_error, None
+            if pending is not None:
+                raise pending  # the attempt try_connect() just made failed: reported, not repeated
             if self._sftp is not None and self._alive():
                 return self._sftp
             self._close_locked()
             self._sftp = self._connect()
             return self._sftp
+
+    def try_connect(self) -> Exception | None:
+        """Connect now (SessionPool); the failure is returned and raised once more by the next
+        `client()` call, so the caller that gets this session reports it without connecting again."""
+        try:
+            self.client()
+        except (ConnectError, PrivateKeyError) as exc:
+            with self._lock:
+                self._pending_error = exc
+            return exc
+        return None
+
+    def forget_error(self) -> None:
+        """Drop the failure try_connect() kept (the pool handled it)."""
+        with self._lock:
+            self._pending_error = None
 
     @property
     def connected(self) -> bool:
@@ -168,13 +268,25 @@ class SftpSession:
             ) from None
         ssh.set_missing_host_key_policy(paramiko.RejectPolicy())
         try:
-            ssh.connect(
-                cfg.host, port=cfg.port, username=cfg.username, pkey=key,
-                allow_agent=False, look_for_keys=False,
-                timeout=cfg.connect_timeout, banner_timeout=cfg.connect_timeout,
-                auth_timeout=cfg.connect_timeout, channel_timeout=cfg.connect_timeout,
-                sock=proxy_sock(cfg), transport_factory=make_transport,
-            )
+            try:
+                ssh.connect(
+                    cfg.host, port=cfg.port, username=cfg.username, pkey=key,
+                    allow_agent=False, look_for_keys=False,
+                    timeout=cfg.connect_timeout, banner_timeout=cfg.connect_timeout,
+                    auth_timeout=cfg.connect_timeout, channel_timeout=cfg.connect_timeout,
+                    sock=proxy_sock(cfg), transport_factory=make_transport,
+                    disabled_algorithms=disabled_algorithms(cfg, key),
+                )
+            except paramiko.AuthenticationException as exc:
+                if not (cfg.rsa_sha1 and key.get_name() == "ssh-rsa" and key_refused(exc, ssh)):
+                    raise
+                # sftp.rsa_sha1: the server refused the SHA-2 signature; sign with ssh-rsa (SHA-1)
+                transport = ssh.get_transport()
+                assert transport is not None
+                logger.debug("RSA SHA-2 signature refused ({}); trying ssh-rsa (SHA-1), as sftp.rsa_sha1"
+                             " allows", exc)
+                transport.disabled_algorithms = {"pubkeys": list(RSA_SHA2_ALGORITHMS)}
+                transport.auth_publickey(cfg.username, key)
         except paramiko.BadHostKeyException as exc:
             ssh.close()
             raise ConnectError(
@@ -184,11 +296,21 @@ class SftpSession:
                 f" changed its key, verify the new fingerprint and update {cfg.known_hosts}"
             ) from None
         except paramiko.AuthenticationException as exc:
+            refused = key_refused(exc, ssh)
             ssh.close()
+            if not refused:  # e.g. ProFTPD MaxClientsPerUser: logged in, then disconnected
+                raise ConnectError(
+                    f"the server {cfg.host}:{cfg.port} closed the connection during login ({exc});"
+                    " it may limit connections per user", dropped=True,
+                ) from None
+            hint = ""
+            if key.get_name() == "ssh-rsa" and not cfg.rsa_sha1:
+                hint = ("; an RSA key may be refused by a server that accepts only ssh-rsa (SHA-1)"
+                        " signatures: `saasquatch-agent doctor` tells whether sftp.rsa_sha1 = true helps")
             raise ConnectError(
                 f"the server refused key authentication for user {cfg.username!r} ({exc}); check"
                 f" that the public key of {cfg.private_key} is pasted into SaaSquatch's SFTP"
-                " integration page and that the username is the tenant alias"
+                f" integration page and that the username is the tenant alias{hint}", key_refused=True,
             ) from None
         except paramiko.SSHException as exc:
             ssh.close()
@@ -198,12 +320,13 @@ class SftpSession:
                     f"the server {known_hosts_name(cfg.host, cfg.port)} is not in {cfg.known_hosts};"
                     " refusing to trust an unknown host key (add it after checking its fingerprint)"
                 ) from None
-            raise ConnectError(f"SSH error talking to {cfg.host}:{cfg.port}: {text}") from None
+            raise ConnectError(f"SSH error talking to {cfg.host}:{cfg.port}: {text}", dropped=True) from None
         except (OSError, EOFError) as exc:
             ssh.close()
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise ConnectError(
-                f"cannot connect to {cfg.host}:{cfg.port}: {reason or type(exc).__name__}"
+                f"cannot connect to {cfg.host}:{cfg.port}: {reason or type(exc).__name__}",
+                dropped=isinstance(exc, (EOFError, ConnectionError)),
             ) from None
         transport = ssh.get_transport()
         assert transport is not None
@@ -211,12 +334,12 @@ class SftpSession:
             transport.set_keepalive(cfg.keepalive_seconds)
         try:
             # paramiko's client, able to send a batch's requests together (agent.sftp_batch)
-            sftp = PipelinedSFTPClient.from_transport(transport)
+            sftp = AgentSFTPClient.from_transport(transport)
             if sftp is None:
                 raise paramiko.SSHException("the SFTP channel could not be opened")
         except (paramiko.SSHException, OSError, EOFError) as exc:
-            ssh.close()
-            raise ConnectError(f"the server did not open an SFTP session: {exc}") from None
+            ssh.close()  # e.g. OpenSSH MaxSessions, or a server that drops a session beyond its limit
+            raise ConnectError(f"the server did not open an SFTP session: {exc}", dropped=True) from None
         channel = sftp.get_channel()
         if channel is not None:
             channel.settimeout(cfg.operation_timeout)
@@ -292,15 +415,67 @@ def remote_size(sftp: paramiko.SFTPClient, path: str) -> int | None:
         raise
 
 
-def publish_rename(sftp: paramiko.SFTPClient, temp: str, final: str) -> None:
-    """posix-rename where the server has it, else plain rename (which refuses to overwrite)."""
+_no_posix_rename: weakref.WeakSet[paramiko.SFTPClient] = weakref.WeakSet()
+_no_posix_rename_lock = threading.Lock()
+
+
+def posix_rename_supported(sftp: paramiko.SFTPClient) -> bool:
+    """Whether to try posix-rename on this connection: the server announced it (or did not say)
+    and has not refused it on this connection yet (`mark_no_posix_rename`)."""
+    extensions = server_extensions(sftp)
+    if extensions is not None and POSIX_RENAME_EXTENSION not in extensions:
+        return False
+    with _no_posix_rename_lock:
+        return sftp not in _no_posix_rename
+
+
+def mark_no_posix_rename(sftp: paramiko.SFTPClient) -> None:
+    """Remember that this connection's server refuses posix-rename: plain rename from now on."""
+    with _no_posix_rename_lock:
+        if sftp in _no_posix_rename:
+            return
+        _no_posix_rename.add(sftp)
+    logger.info("the server refuses posix-rename; publishing with plain rename on this connection"
+                " (it never replaces an existing name)")
+
+
+def posix_rename_refused(exc: OSError) -> bool:
+    """A posix-rename error that plain rename may not share: the request denied (PERMISSION_DENIED,
+    e.g. OpenSSH `sftp-server -P posix-rename`) or not supported (OP_UNSUPPORTED, no errno)."""
+    return exc.errno is None or exc.errno in (errno.EACCES, errno.EPERM)
+
+
+def plain_rename(sftp: paramiko.SFTPClient, temp: str, final: str) -> None:
+    """SFTP v3 rename, which never replaces an existing name; the final name is looked at first, so
+    an existing one is reported as such. Errors keep their errno and name the refused name."""
+    if remote_size(sftp, final) is not None:
+        raise FileExistsError(errno.EEXIST, f"{final} already exists on the server; not replaced", final)
     try:
-        sftp.posix_rename(temp, final)
-    except OSError as exc:
-        if exc.errno is not None:
-            raise
-        logger.debug("posix-rename refused ({}); using plain rename", exc)
         sftp.rename(temp, final)
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or "refused"
+        raise OSError(exc.errno, f"the server refused to rename {temp} to {final}: {reason}") from None
+
+
+def publish_rename(sftp: paramiko.SFTPClient, temp: str, final: str) -> None:
+    """posix-rename where the server has it, else plain rename (which refuses to overwrite).
+
+    A refused or unsupported posix-rename falls back to plain rename; once that works the
+    connection is marked, so later files go straight to plain rename. Were plain rename refused
+    too, the refusal was about the names, not the request: its error is raised, naming the name.
+    """
+    if posix_rename_supported(sftp):
+        try:
+            sftp.posix_rename(temp, final)
+            return
+        except OSError as exc:
+            if not posix_rename_refused(exc):
+                raise
+            logger.debug("posix-rename of {} to {} refused ({}); trying plain rename", temp, final, exc)
+        plain_rename(sftp, temp, final)
+        mark_no_posix_rename(sftp)
+        return
+    plain_rename(sftp, temp, final)
 
 
 def is_connection_fault(exc: BaseException) -> bool:

@@ -184,14 +184,20 @@ def renames(sftp: paramiko.SFTPClient, pairs: Sequence[tuple[str, str]]) -> list
     not have posix-rename or refuses the request (a refusal without errno, or permission denied
     from a server that denies the extension). Plain SFTP rename never replaces an existing name.
     Per pair None when done, else the error of the last try."""
-    results: list[OSError | None] = [
-        reply.error for reply in exchange(
-            sftp, [(CMD_EXTENDED, ("posix-rename@openssh.com", old, new)) for old, new in pairs])
-    ]
+    from agent.sftp import mark_no_posix_rename, posix_rename_supported  # sftp imports this module
+
+    results: list[OSError | None]
+    if posix_rename_supported(sftp):
+        results = [reply.error for reply in exchange(
+            sftp, [(CMD_EXTENDED, ("posix-rename@openssh.com", old, new)) for old, new in pairs])]
+    else:  # not offered, or refused before on this connection
+        results = [OSError("posix-rename not used")] * len(pairs)
     again = [index for index, error in enumerate(results)
              if error is not None and error.errno in (None, errno.EACCES, errno.EPERM)]
     if again:
         plain = exchange(sftp, [(CMD_RENAME, pairs[index]) for index in again])
         for index, reply in zip(again, plain, strict=True):
             results[index] = reply.error
+        if posix_rename_supported(sftp) and any(reply.error is None for reply in plain):
+            mark_no_posix_rename(sftp)  # plain rename works where posix-rename was refused
     return results

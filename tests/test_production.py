@@ -141,7 +141,7 @@ def test_doctor_passes_before_start_and_leaves_nothing(sshd_server: SshdServer, 
     assert checks == ["PASS configuration", "PASS paths and permissions", "PASS same filesystem",
                       "PASS private key", "PASS known_hosts", "PASS DNS", "PASS TCP", "PASS host key",
                       "PASS SSH login", "PASS remote folder listable", "PASS remote folder writable",
-                      "PASS clock"]
+                      "PASS SFTP extensions", "PASS clock"]
     assert "probe file written and removed" in result.stdout
     assert remote_files(sshd_server) == {}
     assert not env.state.exists()  # doctor changes nothing locally either

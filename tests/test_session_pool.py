@@ -13,12 +13,13 @@ import pytest
 from agent.config import SftpConfig
 from agent.session_pool import SessionPool
 from agent.sftp import SftpSession
+from tests.helpers.servers import ProftpdServer
 from tests.helpers.sshd import SshdServer
 
 pytestmark = pytest.mark.timeout(60)
 
 
-def sessions(server: SshdServer, count: int) -> list[SftpSession]:
+def sessions(server: SshdServer | ProftpdServer, count: int) -> list[SftpSession]:
     config = SftpConfig(host=server.host, port=server.port, username=server.username,
                         private_key=server.user_key_path, known_hosts=server.known_hosts_path,
                         remote_dir=server.remote_dir, connect_timeout=10.0)
@@ -51,8 +52,8 @@ def test_busy_connection_is_waited_for_then_a_new_one_is_opened(sshd_server: Ssh
         got: list[SftpSession] = []
         waiter = threading.Thread(target=lambda: got.append(pool.acquire()))
         waiter.start()
-        waiter.join(10.0)  # the session in use never comes back: after the wait, the other one
-        assert got and got[0] is not held and not got[0].connected
+        waiter.join(10.0)  # the session in use never comes back: after the wait, the other one,
+        assert got and got[0] is not held and got[0].connected  # connected by the pool
     finally:
         pool.close()
 
@@ -86,3 +87,37 @@ def test_closing_the_pool_stops_a_waiting_thread(sshd_server: SshdServer) -> Non
         pool.acquire()
     pool.release(held)
     assert not held.connected
+
+
+def test_a_refused_second_connection_limits_the_pool_to_the_open_one(tmp_path: object) -> None:
+    """ProFTPD `MaxClientsPerUser 1` logs us in, then disconnects a second connection: the pool keeps
+    the first, lends it to the next thread when it comes back, and opens no other for a while."""
+    from loguru import logger
+
+    lines: list[str] = []
+    sink = logger.add(lambda message: lines.append(str(message)), level="INFO", format="{level} {message}")
+    with ProftpdServer(["MaxClientsPerUser 1"]) as server:
+        first, second, third = sessions(server, 3)
+        pool = SessionPool([first, second, third], connect_timeout=10.0, spare_wait=0.05)
+        try:
+            held = pool.acquire()
+            assert held.connected
+            got: list[SftpSession] = []
+            waiter = threading.Thread(target=lambda: got.append(pool.acquire()))
+            waiter.start()
+            waiter.join(3.0)
+            assert waiter.is_alive() and not got and pool.limited  # refused, now waits for `held`
+            pool.release(held)
+            waiter.join(10.0)
+            assert got == [held]
+            pool.release(held)
+            again = pool.acquire()  # limited: the open connection, no new attempt
+            assert again is held
+            pool.release(again)
+            assert sum(s.connected for s in (first, second, third)) == 1
+        finally:
+            pool.close()
+            logger.remove(sink)
+    limit_lines = [line for line in lines if "refused another connection" in line]
+    assert len(limit_lines) == 1 and limit_lines[0].startswith("WARNING"), lines
+    assert not any(line.startswith("ERROR") or "pasted" in line for line in lines), lines

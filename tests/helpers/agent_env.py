@@ -31,7 +31,8 @@ class AgentEnv:
     """A config file and folders for one agent, pointed at host:port with the given key files."""
 
     def __init__(self, root: Path, *, host: str, port: int, username: str, private_key: Path,
-                 known_hosts: Path, remote_dir: str, extra: str = "", settle_seconds: float = 0.3) -> None:
+                 known_hosts: Path, remote_dir: str, extra: str = "", settle_seconds: float = 0.3,
+                 sftp_extra: str = "") -> None:
         self.root = root
         self.config_path = root / "agent.toml"
         self.drop = root / "drop"
@@ -42,7 +43,7 @@ class AgentEnv:
         self.process: subprocess.Popen[bytes] | None = None
         root.mkdir(parents=True, exist_ok=True)
         self.settings = dict(host=host, port=port, username=username, private_key=private_key,
-                             known_hosts=known_hosts, remote_dir=remote_dir)
+                             known_hosts=known_hosts, remote_dir=remote_dir, sftp_extra=sftp_extra)
         self.write_config(extra, settle_seconds)
 
     @classmethod
@@ -57,7 +58,8 @@ class AgentEnv:
             "[sftp]\n"
             f'host = "{s["host"]}"\nport = {s["port"]}\nusername = "{s["username"]}"\n'
             f'private_key = "{s["private_key"]}"\nknown_hosts = "{s["known_hosts"]}"\n'
-            f'remote_dir = "{s["remote_dir"]}"\nconnect_timeout = 5.0\noperation_timeout = 10.0\n\n'
+            f'remote_dir = "{s["remote_dir"]}"\nconnect_timeout = 5.0\noperation_timeout = 10.0\n'
+            f'{s["sftp_extra"]}\n\n'
             '[paths]\ndrop = "drop"\nstate_dir = "state"\narchive = "archive"\nfailed = "failed"\n\n'
             f"[watch]\nsettle_seconds = {settle_seconds}\nrescan_seconds = 30\n\n"
             "[retry]\ninitial_delay_seconds = 0.2\nmax_delay_seconds = 1.0\nonce_max_attempts = 2\n\n"

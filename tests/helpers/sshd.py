@@ -59,7 +59,7 @@ PRIVSEP_DIR = Path("/run/sshd")
 _OWNER_FILE = "owner"  # in a run folder: "<user> <1 if this run created it>"
 
 KeyKind = Literal["ed25519", "rsa"]
-Mode = Literal["chroot", "user"]
+Mode = Literal["chroot", "home", "user"]
 
 _USERNAME_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 _ALNUM = string.ascii_lowercase + string.digits
@@ -376,13 +376,18 @@ class SshdServer:
         *,
         chroot: bool | None = None,
         extra_config: Sequence[str] = (),
+        key_kind: KeyKind = "ed25519",
         log_level: str = "VERBOSE",
         startup_timeout: float = 10.0,
     ) -> None:
         """Prepare a server; ``chroot`` defaults to True as root, else False.
 
+        As root, ``chroot=False`` serves a throw-away user without chroot ("home"
+        mode: ``remote_dir`` is the full path of its upload folder), for an SFTP
+        server program that lives outside the chroot (``ForceCommand PROGRAM``).
         ``extra_config`` lines are written before the defaults, so they win
         (for most sshd keywords the first value is used); no ``Match`` blocks.
+        ``key_kind`` is the kind of the client key made at ``user_key_path``.
         """
         self.sshd_path = find_sshd()
         _find_keygen()
@@ -391,7 +396,7 @@ class SshdServer:
             chroot = is_root
         if chroot and not is_root:
             raise ValueError("chroot mode needs root")
-        self.mode: Mode = "chroot" if chroot else "user"
+        self.mode: Mode = "chroot" if chroot else "home" if is_root else "user"
         current_user = pwd.getpwuid(os.geteuid()).pw_name
         if self.mode == "user":
             if username not in (None, current_user):
@@ -403,6 +408,7 @@ class SshdServer:
             raise ValueError(f"invalid user name {username!r}")
         self.username: str = username
         self.extra_config = list(extra_config)
+        self.key_kind: KeyKind = key_kind
         self.log_level = log_level
         self.startup_timeout = startup_timeout
         self.run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{secrets.token_hex(4)}"
@@ -420,7 +426,7 @@ class SshdServer:
         self.log_path = self.temp_dir / "sshd.log"
         self.pid_path = self.temp_dir / "sshd.pid"
         self.host_key_path = self.temp_dir / "ssh_host_ed25519_key"
-        self.user_key_path = self.temp_dir / "id_ed25519"
+        self.user_key_path = self.temp_dir / f"id_{key_kind}"
         self.known_hosts_path = self.temp_dir / "known_hosts"
         self.run_dir: Path | None = None
         self.chroot_dir: Path | None = None
@@ -435,7 +441,7 @@ class SshdServer:
 
     def _prepare(self) -> None:
         keygen(self.host_key_path, "ed25519", comment="saasquatch-test-host")
-        if self.mode == "chroot":
+        if self.mode in ("chroot", "home"):
             if not TESTS_ROOT.parent.exists():
                 _mkdir(TESTS_ROOT.parent, 0o755)
             _mkdir(TESTS_ROOT, 0o755)
@@ -446,14 +452,20 @@ class SshdServer:
             # lets cleanup_stale_runs() undo this run if the process gets SIGKILLed
             (self.run_dir / _OWNER_FILE).write_text(f"{self.username} {int(self._created_user)}\n")
             entry = pwd.getpwnam(self.username)
-            self.chroot_dir = self.run_dir / self.username
-            _mkdir(self.chroot_dir, 0o755)
-            self.local_remote_dir = self.chroot_dir / "imports"
+            user_dir = self.run_dir / self.username
+            _mkdir(user_dir, 0o755)
+            self.local_remote_dir = user_dir / "imports"
             _mkdir(self.local_remote_dir, 0o755, entry.pw_uid, entry.pw_gid)
             keys_dir = self.run_dir / "keys"
             _mkdir(keys_dir, 0o755)
             self.authorized_keys_path = keys_dir / self.username
-            self.remote_dir = "/imports"
+            if self.mode == "chroot":
+                self.chroot_dir = user_dir
+                self.remote_dir = "/imports"
+            else:
+                self.remote_dir = str(self.local_remote_dir)
+                # sshd runs a ForceCommand program through the user's shell (nologin would refuse it)
+                _run_retrying(["usermod", "--shell", "/bin/sh", self.username], ok=(0,), timeout=15)
         else:
             self.local_remote_dir = self.temp_dir / "imports"
             self.local_remote_dir.mkdir(mode=0o755)
@@ -461,7 +473,7 @@ class SshdServer:
             self.remote_dir = str(self.local_remote_dir)
         self.authorized_keys_path.touch(mode=0o644)
         os.chmod(self.authorized_keys_path, 0o644)
-        self.make_user_key(self.user_key_path, "ed25519")
+        self.make_user_key(self.user_key_path, self.key_kind)
         self._write_known_hosts()
 
     def _config_text(self) -> str:
@@ -474,7 +486,7 @@ class SshdServer:
             f"PidFile {self.pid_path}",
             f"LogLevel {self.log_level}",
             f"AuthorizedKeysFile {self.authorized_keys_path.parent}/%u"
-            if self.mode == "chroot"
+            if self.mode != "user"
             else f"AuthorizedKeysFile {self.authorized_keys_path}",
             "StrictModes no",
             "PubkeyAuthentication yes",
