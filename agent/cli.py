@@ -21,8 +21,8 @@ import click
 from loguru import logger
 
 from agent.config import Config, ConfigError, ImportsConfig, ImportType, load_config
-from agent.journal import FileRecord, FileState, Journal, JournalError, journal_error
 from agent.logs import escape_controls, setup_logging
+from agent.store.journal import FileRecord, FileState, Journal, JournalError, journal_error
 
 P = ParamSpec("P")
 EXIT_RUNTIME = 1
@@ -94,7 +94,7 @@ class DurationType(click.ParamType):  # type: ignore[type-arg]
     name = "DURATION"
 
     def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> timedelta:
-        from agent.ops import parse_duration
+        from agent.ops.views import parse_duration
 
         if isinstance(value, timedelta):
             return value
@@ -126,7 +126,7 @@ newer_option = click.option("--newer-than", "--since", "newer_than", type=Durati
 
 def show_status(config: Config, as_json: bool, states: tuple[str, ...], older_than: timedelta | None,
                 newer_than: timedelta | None) -> None:
-    from agent.ops import select, status_table
+    from agent.ops.views import select, status_table
 
     records = select(_records(config), states, older_than, newer_than)
     if as_json:
@@ -153,7 +153,7 @@ def main() -> None:
 def run(config_path: Path | None, once: bool) -> None:
     """Run the agent (the daemon, or one pass with --once)."""
     from agent.service import Agent, AlreadyRunning, run_daemon
-    from agent.sftp import PrivateKeyError, load_private_key, private_key_path
+    from agent.transport.sftp import PrivateKeyError, load_private_key, private_key_path
 
     config = load_or_exit(config_path)
     refuse_root_on_service_state(config)
@@ -196,7 +196,7 @@ def status(config_path: Path | None, as_json: bool, states: tuple[str, ...], old
 def validate(files: tuple[Path, ...], import_type: str | None, config_path: Path | None,
              as_json: bool) -> None:
     """Check FILEs against the import rules without uploading; exit 1 when any is invalid."""
-    from agent.checkfiles import check_file, human_lines
+    from agent.ops.checkfiles import check_file, human_lines
 
     config = load_or_exit(config_path) if config_path else None
     cfg = config.imports if config else ImportsConfig()
@@ -219,7 +219,7 @@ def validate(files: tuple[Path, ...], import_type: str | None, config_path: Path
 @click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
 def keygen(path: Path) -> None:
     """Create an ED25519 key without passphrase (mode 0600) and print the public line."""
-    from agent.keys import write_new_keypair
+    from agent.ops.keys import write_new_keypair
 
     try:
         public_line = write_new_keypair(path)
@@ -237,7 +237,7 @@ def keygen(path: Path) -> None:
 @click.option("--keep", is_flag=True, help="Keep the sandbox folder and print where it is.")
 def demo(keep: bool) -> None:
     """Run the whole flow against a local sandbox SFTP server (no credentials needed)."""
-    from agent.demo import run_demo
+    from agent.ops.demo import run_demo
 
     sys.exit(run_demo(keep=keep))
 
@@ -249,7 +249,13 @@ def demo(keep: bool) -> None:
 @click.option("--hash", "hashed", is_flag=True, help="Write the host name hashed (as HashKnownHosts does).")
 def trust_host(config_path: Path | None, fingerprint: str | None, hashed: bool) -> None:
     """Show the SFTP server's host key and add it to known_hosts once you confirm it."""
-    from agent.trust import TrustError, fetch_host_key, known_keys, normalize_fingerprint, write_known_host
+    from agent.ops.trust import (
+        TrustError,
+        fetch_host_key,
+        known_keys,
+        normalize_fingerprint,
+        write_known_host,
+    )
 
     config = load_or_exit(config_path)
     cfg = config.sftp
@@ -284,7 +290,7 @@ def trust_host(config_path: Path | None, fingerprint: str | None, hashed: bool) 
 @config_option
 def doctor(config_path: Path | None) -> None:
     """Check configuration, folders, key, host key, network, login and remote folder; say what to fix."""
-    from agent.doctor import Doctor, Outcome
+    from agent.ops.doctor import Doctor, Outcome
 
     try:
         config = load_config(config_path)
@@ -313,8 +319,8 @@ def doctor(config_path: Path | None) -> None:
 @journal_errors
 def history(config_path: Path | None, key: str, as_json: bool) -> None:
     """Every state change of one file (by journal ID, original name or remote name)."""
-    from agent.ops import history as file_history
-    from agent.ops import history_lines
+    from agent.ops.views import history as file_history
+    from agent.ops.views import history_lines
 
     config = load_or_exit(config_path)
     if not config.journal_path.exists():
@@ -340,8 +346,8 @@ def history(config_path: Path | None, key: str, as_json: bool) -> None:
 @journal_errors
 def retry(config_path: Path | None, key: str) -> None:
     """Re-queue a failed or stale file (sent again under a new name, even if a duplicate)."""
-    from agent.ops import OpsError
-    from agent.ops import retry as requeue
+    from agent.ops.views import OpsError
+    from agent.ops.views import retry as requeue
 
     config = load_or_exit(config_path)
     if not config.journal_path.exists():
@@ -367,8 +373,8 @@ def retry(config_path: Path | None, key: str) -> None:
 @journal_errors
 def report(config_path: Path | None, days: int, as_json: bool) -> None:
     """Per-day counts by import type and outcome."""
-    from agent.ops import report as daily_report
-    from agent.ops import report_lines
+    from agent.ops.views import report as daily_report
+    from agent.ops.views import report_lines
 
     config = load_or_exit(config_path)
     rows = daily_report(_records(config), days)
@@ -391,7 +397,7 @@ def journal() -> None:
 @config_option
 def journal_check(config_path: Path | None) -> None:
     """Integrity, spool files no row names, rows whose files are gone; exit 1 when something is wrong."""
-    from agent.repair import check
+    from agent.store.repair import check
 
     ok, lines = check(load_or_exit(config_path))
     for line in lines:
@@ -404,8 +410,8 @@ def journal_check(config_path: Path | None) -> None:
 def journal_rebuild(config_path: Path | None) -> None:
     """Move the journal aside (never deleted), restore the latest backup (or start empty), adopt the
     spool. Refused while the agent runs."""
-    from agent.repair import rebuild
     from agent.service import AlreadyRunning, take_lock
+    from agent.store.repair import rebuild
 
     config = load_or_exit(config_path)
     setup_logging(config.log.model_copy(update={"level": "WARNING"}))

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from agent.namerules import check_distinct, check_folder, check_prefix
+from agent.imports.namerules import check_distinct, check_folder, check_prefix
 
 DEFAULT_CONFIG_PATH = Path("/etc/saasquatch-agent/agent.toml")
 CONFIG_ENV_VAR = "SAASQUATCH_AGENT_CONFIG"
@@ -80,7 +80,7 @@ class UploadConfig(_Section):
     # the same on loopback (bench/RESULTS.md, round 2)
     concurrency: Annotated[int, Field(ge=1, le=16)] = 4
     # small files (<= 256 KiB) one thread sends together, each step pipelined and committed once for
-    # all of them (agent/sftp_batch.py); 1 sends every file on its own
+    # all of them (agent/transport/pipelining.py); 1 sends every file on its own
     batch_files: Annotated[int, Field(ge=1, le=256)] = 64
     # the server-side name a file is written under before the rename that publishes it: {id} (the
     # journal row, required: no two rows share a temporary name) and optionally {stem} (the remote
@@ -129,7 +129,7 @@ class PerTypeNames(_Section):
         return str(getattr(self, import_type.value))
 
     def check_each(self, check: Callable[[str], None], what: str) -> PerTypeNames:
-        """Every name passes `check` and no two types share one (agent.namerules)."""
+        """Every name passes `check` and no two types share one (agent.imports.namerules)."""
         pairs = [(t.value, self.for_type(t)) for t in ImportType]
         for key, value in pairs:
             try:
@@ -218,7 +218,7 @@ class RemoteResults(StrEnum):
 
 
 class StatusConfig(_Section):
-    """[status]: how the server tells what it did with an upload (agent/remote_status.py)."""
+    """[status]: how the server tells what it did with an upload (agent/transport/remote_status.py)."""
 
     mode: tuple[StatusMode, ...] = (StatusMode.NONE,)  # one mode, or a list to combine
     poll_seconds: Annotated[float, Field(gt=0)] = 60.0

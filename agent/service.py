@@ -15,24 +15,24 @@ from typing import IO, TYPE_CHECKING
 
 from loguru import logger
 
-from agent.adopt import reconcile_spool
-from agent.archive import Filer
 from agent.config import Config, ConfigError, load_config
-from agent.fsutil import ensure_dir
-from agent.intake import NOTICE_LIMIT, Intake, SettleQueue
-from agent.journal import ACTIVE_STATES, FileRecord, FileState, Journal
-from agent.lifecycle import TRACKED_STATES, Lifecycle
+from agent.intake.claim import NOTICE_LIMIT, Intake, SettleQueue
+from agent.intake.watch import DropScanner, DropWatcher
 from agent.logs import setup_logging
-from agent.sftp import SftpSession
+from agent.pipeline.lifecycle import TRACKED_STATES, Lifecycle
+from agent.pipeline.upload import Uploader
+from agent.pipeline.upload_worker import UploadWorker
+from agent.store.adopt import reconcile_spool
+from agent.store.archive import Filer
+from agent.store.fsutil import ensure_dir
+from agent.store.journal import ACTIVE_STATES, FileRecord, FileState, Journal
 from agent.systemd import Notifier
-from agent.upload import Uploader
-from agent.upload_worker import UploadWorker
-from agent.watch import DropScanner, DropWatcher
+from agent.transport.sftp import SftpSession
 
 if TYPE_CHECKING:
     from apscheduler.schedulers.background import BackgroundScheduler
 
-    from agent.metrics import Metrics
+    from agent.ops.metrics import Metrics
 
 
 ONCE_POLL_SECONDS = 0.02  # `run --once` looks this often whether everything is done (one COUNT query)
@@ -255,7 +255,7 @@ def _start(config: Config, notifier: Notifier) -> tuple[Agent, Metrics | None]:
     agent.worker.heartbeat_interval = notifier.watchdog_interval
     metrics = None
     if config.metrics.enabled:
-        from agent.metrics import Metrics  # prometheus_client is loaded only when asked for (idle RSS)
+        from agent.ops.metrics import Metrics  # prometheus_client is loaded only when asked for (idle RSS)
 
         metrics = Metrics(config)
         agent.uploader.on_published = metrics.observe_upload

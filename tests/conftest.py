@@ -12,8 +12,8 @@ _REPO = str(Path(__file__).resolve().parent.parent)
 if _REPO not in sys.path:  # `tests.helpers` importable under a bare `pytest` too
     sys.path.insert(0, _REPO)
 
-from agent.keys import write_new_keypair  # noqa: E402
-from agent.sandbox import SandboxServer  # noqa: E402
+from agent.ops.keys import write_new_keypair  # noqa: E402
+from agent.ops.sandbox import SandboxServer  # noqa: E402
 from tests.helpers.sshd import SshdServer  # noqa: E402
 from tests.helpers.tcp_proxy import TcpProxy  # noqa: E402
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from agent.adopt import find_published, reconcile_spool
 from agent.config import Config, PathsConfig, SftpConfig
-from agent.journal import FileState, Journal, parse_spool_name, spool_name
+from agent.store.adopt import find_published, reconcile_spool
+from agent.store.journal import FileState, Journal, parse_spool_name, spool_name
 
 
 def _config(tmp_path: Path) -> Config:

@@ -1,4 +1,4 @@
-"""Small files sent together (upload.batch_files, agent/sftp_batch.py), end to end (issue 7).
+"""Small files sent together (upload.batch_files, agent/transport/pipelining.py), end to end (issue 7).
 
 The agent runs as a real process against OpenSSH's sshd or the asyncssh sandbox with faults. Each
 test checks what the batch path promises: every file on the server exactly once with its bytes,
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.sandbox import SandboxServer
-from agent.upload import BATCH_FILE_MAX_BYTES
+from agent.ops.sandbox import SandboxServer
+from agent.pipeline.upload import BATCH_FILE_MAX_BYTES
 from tests.helpers.agent_env import AgentEnv, sandbox_env, wait_until
 from tests.helpers.sshd import SshdServer
 from tests.helpers.tcp_proxy import TcpProxy

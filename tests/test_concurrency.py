@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.archive import Filer
 from agent.config import Config, ConfigError, PathsConfig, SftpConfig, parse_config
-from agent.journal import FileRecord, FileState, Journal
-from agent.sftp import SftpSession
-from agent.upload import Uploader
-from agent.upload_worker import UploadWorker
+from agent.pipeline.upload import Uploader
+from agent.pipeline.upload_worker import UploadWorker
+from agent.store.archive import Filer
+from agent.store.journal import FileRecord, FileState, Journal
+from agent.transport.sftp import SftpSession
 from tests.helpers.agent_env import AgentEnv
 from tests.helpers.sshd import SshdServer
 
@@ -100,8 +100,8 @@ def test_four_workers_process_every_file_exactly_once(tmp_path: Path) -> None:
 
 
 def test_batched_claim_commits_rows_then_moves_and_forgets_vanished_files(tmp_path: Path) -> None:
-    from agent.intake import Intake
-    from agent.watch import DropScanner
+    from agent.intake.claim import Intake
+    from agent.intake.watch import DropScanner
 
     config = make_config(tmp_path)
     for folder in (config.paths.drop, config.spool_dir):
@@ -130,8 +130,8 @@ def test_batched_claim_commits_rows_then_moves_and_forgets_vanished_files(tmp_pa
 def test_batched_queue_refuses_content_sent_recently(tmp_path: Path) -> None:
     """The duplicate check runs once for a claim batch; a duplicate goes to failed/, the others are
     queued, and a single check (recovery) of a duplicate returns its failed row."""
-    from agent.intake import Intake
-    from agent.watch import DropScanner
+    from agent.intake.claim import Intake
+    from agent.intake.watch import DropScanner
 
     config = make_config(tmp_path)
     for folder in (config.paths.drop, config.spool_dir):

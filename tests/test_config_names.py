@@ -1,4 +1,4 @@
-"""[imports] prefixes and folders are checked when the configuration is loaded (agent.namerules)."""
+"""[imports] prefixes and folders are checked when the configuration is loaded (agent.imports.namerules)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import ConfigError, ImportsConfig, load_config
-from agent.namerules import check_folder, check_prefix
+from agent.imports.namerules import check_folder, check_prefix
 from tests.test_validate_cli import validate, write_config
 
 PREFIXES = ('[imports.prefixes]\nusers = "{}"\nuser_events = "{}"\ndelete_users = "{}"\n'

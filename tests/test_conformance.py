@@ -283,7 +283,7 @@ def test_doctor_reports_plain_rename(server: tuple[ServerSpec, SftpTestServer], 
 def test_publish_rename_falls_back_and_remembers(server: tuple[ServerSpec, SftpTestServer]) -> None:
     """posix-rename denied: plain rename publishes, the connection remembers it, nothing is replaced."""
     from agent.config import SftpConfig
-    from agent.sftp import SftpSession, posix_rename_supported, publish_rename
+    from agent.transport.sftp import SftpSession, posix_rename_supported, publish_rename
 
     _, srv = server
     session = SftpSession(SftpConfig(host=srv.host, port=srv.port, username=srv.username,

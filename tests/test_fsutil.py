@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.archive import Filer
 from agent.config import Config, PathsConfig, SftpConfig
-from agent.fsutil import durable_moves
-from agent.journal import FileState, Journal
+from agent.store.archive import Filer
+from agent.store.fsutil import durable_moves
+from agent.store.journal import FileState, Journal
 
 
 def test_each_move_is_done_or_reported_and_the_others_go_on(tmp_path: Path) -> None:
@@ -57,7 +57,7 @@ import errno  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
 
-from agent import fsutil  # noqa: E402
+from agent.store import fsutil  # noqa: E402
 
 
 @pytest.fixture(params=["renameat2", "link"])
@@ -138,7 +138,7 @@ def test_nothing_in_agent_renames_or_replaces_but_fsutil() -> None:
                         code):
                     continue  # str.replace, sftp.rename (remote), datetime.replace
                 offenders.append(f"{path.relative_to(root.parent)}:{number}: {line.strip()}")
-    allowed = {"agent/fsutil.py"}
+    allowed = {"agent/store/fsutil.py"}
     assert [o for o in offenders if o.split(":", 1)[0] not in allowed] == []
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.journal import FileState, Journal
+from agent.store.journal import FileState, Journal
 
 
 def fresh(tmp_path: Path, rows: int) -> Journal:

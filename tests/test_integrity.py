@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.sandbox import SandboxServer
+from agent.ops.sandbox import SandboxServer
 from tests.helpers.agent_env import AgentEnv, sandbox_env, wait_until
 from tests.helpers.sshd import SshdServer
 

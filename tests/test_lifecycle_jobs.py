@@ -17,13 +17,13 @@ from typing import Any
 import paramiko
 import pytest
 
-from agent.archive import Filer
 from agent.config import Config, ConfigError, load_config, parse_config
-from agent.journal import FileRecord, FileState, Journal
-from agent.keys import write_new_keypair
-from agent.lifecycle import Lifecycle, iso
-from agent.remote_status import Outcome, read_status
-from agent.sandbox import SandboxServer
+from agent.ops.keys import write_new_keypair
+from agent.ops.sandbox import SandboxServer
+from agent.pipeline.lifecycle import Lifecycle, iso
+from agent.store.archive import Filer
+from agent.store.journal import FileRecord, FileState, Journal
+from agent.transport.remote_status import Outcome, read_status
 
 pytestmark = pytest.mark.timeout(60)
 REPO = Path(__file__).resolve().parent.parent
@@ -235,10 +235,10 @@ def test_retention_prunes_exactly_what_is_older(tmp_path: Path) -> None:
 CRASHING_PRUNE = textwrap.dedent("""\
     import os, sys
     from datetime import datetime
-    import agent.lifecycle as lifecycle
-    from agent.archive import Filer
+    import agent.pipeline.lifecycle as lifecycle
+    from agent.store.archive import Filer
     from agent.config import load_config
-    from agent.journal import Journal
+    from agent.store.journal import Journal
 
     config = load_config(sys.argv[1])
     crash_after = int(sys.argv[3])

@@ -16,8 +16,8 @@ import paramiko
 import pytest
 
 from agent.config import SftpConfig
-from agent.journal import ACTIVE_STATES, FileState, Journal
-from agent.sftp import PREFERRED_CIPHERS, TRANSPORT_WINDOW, SftpSession, make_transport
+from agent.store.journal import ACTIVE_STATES, FileState, Journal
+from agent.transport.sftp import PREFERRED_CIPHERS, TRANSPORT_WINDOW, SftpSession, make_transport
 from tests.helpers.sshd import SshdServer
 
 
@@ -147,6 +147,6 @@ def test_journal_rows_map_onto_file_records_by_position() -> None:
     """FileRecord.from_row builds records positionally: its fields must stay in _COLUMNS order."""
     import dataclasses
 
-    from agent.journal import _COLUMNS, FileRecord
+    from agent.store.journal import _COLUMNS, FileRecord
 
     assert [field.name for field in dataclasses.fields(FileRecord)] == list(_COLUMNS)

@@ -265,7 +265,7 @@ def test_metrics_endpoint_and_textfile(sshd_server: SshdServer, tmp_path: Path) 
 
 def test_metrics_count_queue_and_retries_while_the_server_is_down(sshd_server: SshdServer,
                                                                   tmp_path: Path) -> None:
-    from agent.metrics import JournalCollector
+    from agent.ops.metrics import JournalCollector
 
     sshd_server.stop()
     env = AgentEnv.for_sshd(tmp_path / "agent", sshd_server, settle_seconds=0)
@@ -322,7 +322,7 @@ class _FakeClock:
 
 def test_bandwidth_limit_paces_the_upload(monkeypatch: pytest.MonkeyPatch) -> None:
     """bytes/s never ahead of sftp.bandwidth_limit: with a fake clock, the waits add up to size/limit."""
-    from agent import publish
+    from agent.transport import publish
 
     clock = _FakeClock()
     monkeypatch.setattr(publish, "time", types.SimpleNamespace(monotonic=clock.monotonic))

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.archive import Filer
 from agent.config import load_config
-from agent.journal import FileRecord, FileState, Journal
-from agent.sftp import SftpSession
-from agent.upload import Uploader
+from agent.pipeline.upload import Uploader
+from agent.store.archive import Filer
+from agent.store.journal import FileRecord, FileState, Journal
+from agent.transport.sftp import SftpSession
 from tests.helpers.agent_env import AgentEnv
 from tests.helpers.sshd import SshdServer
 

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 pytest.importorskip("asyncssh", reason="the sandbox needs the [demo] extra")
 
-from agent.sandbox import SandboxServer
+from agent.ops.sandbox import SandboxServer
 
 USERNAME = "test_sandbox_user"
 TIMEOUT = 5.0  # seconds, for every network wait
@@ -378,6 +378,6 @@ def test_listing_errors(sandbox: SandboxServer, sftp: paramiko.SFTPClient) -> No
 
 def test_missing_asyncssh_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "asyncssh", None)  # makes `import asyncssh` fail
-    monkeypatch.delitem(sys.modules, "agent.sandbox")
+    monkeypatch.delitem(sys.modules, "agent.ops.sandbox")
     with pytest.raises(ImportError, match=re.escape("pip install -e '.[demo]'")):
-        importlib.import_module("agent.sandbox")
+        importlib.import_module("agent.ops.sandbox")

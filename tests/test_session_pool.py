@@ -1,4 +1,4 @@
-"""SessionPool (agent/session_pool.py): which SFTP session an upload thread gets, against real sshd.
+"""SessionPool (agent/transport/session_pool.py): which SFTP session an upload thread gets, against real sshd.
 
 A connected session is lent first; a thread finding every session in use waits for one to come back
 before a new connection is opened; closing the pool stops waiting threads.
@@ -11,8 +11,8 @@ import threading
 import pytest
 
 from agent.config import SftpConfig
-from agent.session_pool import SessionPool
-from agent.sftp import SftpSession
+from agent.transport.session_pool import SessionPool
+from agent.transport.sftp import SftpSession
 from tests.helpers.servers import ProftpdServer
 from tests.helpers.sshd import SshdServer
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.watch import DropScanner, entry_problem, is_ignored_name
+from agent.intake.watch import DropScanner, entry_problem, is_ignored_name
 
 
 @pytest.mark.parametrize("name", [".hidden.csv", "users_a.csv.tmp", "users_a.CSV.PART", "users_a.csv~", "."])

@@ -2,7 +2,7 @@
 
 Three real servers: OpenSSH sshd (states 261120 bytes in 9.2), the asyncssh sandbox (states 4 MiB)
 and paramiko's own SFTP server (no limits@openssh.com: the fallback). Each upload goes through
-the publish protocol (agent.publish); the sandbox and the paramiko server count the WRITEs they got.
+the publish protocol (agent.transport.publish); the sandbox and the paramiko server count the WRITEs they got.
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent import publish
-from agent.archive import Filer
 from agent.config import Config, PathsConfig, SftpConfig
-from agent.journal import FileRecord, Journal
-from agent.sandbox import SandboxServer
-from agent.sftp import MAX_WRITE_REQUEST, SFTP_WRITE_CHUNK, SftpSession, server_write_limit
-from agent.upload import Uploader
+from agent.ops.sandbox import SandboxServer
+from agent.pipeline.upload import Uploader
+from agent.store.archive import Filer
+from agent.store.journal import FileRecord, Journal
+from agent.transport import publish
+from agent.transport.sftp import MAX_WRITE_REQUEST, SFTP_WRITE_CHUNK, SftpSession, server_write_limit
 from tests.helpers.sshd import SshdServer
 
 pytestmark = pytest.mark.timeout(60)
@@ -61,7 +61,7 @@ def make_uploader(tmp_path: Path, sftp: SftpConfig) -> tuple[Uploader, Journal, 
 
 
 def send(uploader: Uploader, record: FileRecord, remote: str) -> paramiko.SFTPClient:
-    """The publish protocol's open, write and close steps for one file (agent.publish)."""
+    """The publish protocol's open, write and close steps for one file (agent.transport.publish)."""
     sftp = uploader.session.client()
     data = Path(record.source_path).read_bytes()
     record = dataclasses.replace(record, size=len(data), sha256=hashlib.sha256(data).hexdigest())

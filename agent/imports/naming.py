@@ -14,8 +14,8 @@ import unicodedata
 from datetime import UTC, datetime
 
 from agent.config import ImportsConfig, ImportType
+from agent.imports.namerules import check_prefix
 from agent.imports.types import FileFormat, Refusal, file_format
-from agent.namerules import check_prefix
 
 MAX_REMOTE_NAME = 120
 TIMESTAMP_FORMAT = "%Y%m%dT%H%M%S"  # then milliseconds and Z

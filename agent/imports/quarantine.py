@@ -14,9 +14,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from agent.config import ImportType
-from agent.fsutil import write_durably
 from agent.imports.report import RecordError, ValidationReport
 from agent.imports.types import JOB_TYPES, LABELS, Refusal, display_name
+from agent.store.fsutil import write_durably
 
 ERRORS_COLUMNS = ("recordNumber", "field", "message")
 SHOWN_IN_REASON = 3

@@ -18,8 +18,8 @@ from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from agent.fsutil import fsync_dir, place
 from agent.imports.types import FileFormat
+from agent.store.fsutil import fsync_dir, place
 
 _BOM = b"\xef\xbb\xbf"
 _MAX_STEM_BYTES = 150

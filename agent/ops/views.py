@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import Config, ImportType
-from agent.fsutil import durable_move
 from agent.imports.naming import remote_name
-from agent.journal import FileRecord, FileState, Journal, spool_name
 from agent.logs import escape_controls
+from agent.store.fsutil import durable_move
+from agent.store.journal import FileRecord, FileState, Journal, spool_name
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$", re.IGNORECASE)
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -224,7 +224,7 @@ def _finish_requeue(journal: Journal, record: FileRecord, message: str | None) -
 def _admit_again(config: Config, record: FileRecord, local: Path) -> str:
     """A file refused before it was named: it must pass the import rules now (duplicates aside)."""
     from agent.imports.admission import admit
-    from agent.intake import subfolder_of
+    from agent.intake.claim import subfolder_of
 
     _size, digest = _sha256(local)
     verdict = admit(local, record.name, subfolder_of(Path(record.source_path), config.paths.drop), digest,

@@ -8,7 +8,7 @@ status folder once per poll, reads the status files named after each upload and 
     uploaded | accepted | processing -> failed                     (failed/ + the server's words)
     uploaded | accepted | processing -> stale                      (failed/; no verdict in time)
 
-States only move forward. Every move of the local copy is the journaled move of `agent.archive`
+States only move forward. Every move of the local copy is the journaled move of `agent.store.archive`
 (intent, rename, done), so a crash at any point is finished by start-up recovery.
 """
 
@@ -27,12 +27,13 @@ from typing import TYPE_CHECKING, BinaryIO
 import paramiko
 from loguru import logger
 
-from agent.archive import SERVER_INFIX, Filer
 from agent.config import Config, RemoteResults, StatusMode
-from agent.fsutil import copy_bytes, durable_writer, fsync_dir, rewrite_durably, write_bytes_durably
-from agent.journal import SENDING_STATES, FileRecord, FileState, Journal
-from agent.notify import Notifier
-from agent.remote_status import (
+from agent.pipeline.notify import Notifier
+from agent.pipeline.upload import Uploader
+from agent.store.archive import SERVER_INFIX, Filer
+from agent.store.fsutil import copy_bytes, durable_writer, fsync_dir, rewrite_durably, write_bytes_durably
+from agent.store.journal import SENDING_STATES, FileRecord, FileState, Journal
+from agent.transport.remote_status import (
     MAX_STATUS_BYTES,
     Outcome,
     Reading,
@@ -42,9 +43,8 @@ from agent.remote_status import (
     status_folders,
     verdict,
 )
-from agent.session_pool import SessionPool
-from agent.sftp import ConnectError, PrivateKeyError, SftpSession
-from agent.upload import Uploader
+from agent.transport.session_pool import SessionPool
+from agent.transport.sftp import ConnectError, PrivateKeyError, SftpSession
 
 if TYPE_CHECKING:
     from apscheduler.schedulers.base import BaseScheduler  # only `run` as a daemon needs it

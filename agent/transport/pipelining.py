@@ -184,7 +184,7 @@ def renames(sftp: paramiko.SFTPClient, pairs: Sequence[tuple[str, str]]) -> list
     not have posix-rename or refuses the request (a refusal without errno, or permission denied
     from a server that denies the extension). Plain SFTP rename never replaces an existing name.
     Per pair None when done, else the error of the last try."""
-    from agent.sftp import mark_no_posix_rename, posix_rename_supported  # sftp imports this module
+    from agent.transport.sftp import mark_no_posix_rename, posix_rename_supported  # sftp imports this module
 
     results: list[OSError | None]
     if posix_rename_supported(sftp):

@@ -16,9 +16,9 @@ from pathlib import Path
 from loguru import logger
 
 from agent.config import Config
-from agent.fsutil import STAGING_SUFFIX, durable_move
 from agent.imports.naming import HASH_CHARS
-from agent.journal import FileRecord, FileState, Journal, parse_spool_name, spool_name
+from agent.store.fsutil import STAGING_SUFFIX, durable_move
+from agent.store.journal import FileRecord, FileState, Journal, parse_spool_name, spool_name
 
 _SPLIT_FOLDER = re.compile(r"split-([0-9]+)")
 

@@ -7,7 +7,7 @@ import time
 
 from loguru import logger
 
-from agent.sftp import ConnectError, SftpSession
+from agent.transport.sftp import ConnectError, SftpSession
 
 SPARE_CONNECTION_WAIT = 0.1  # seconds work waits for a busy connection before another is opened
 # after the server refused another connection while ours were up (a per-user or per-host connection

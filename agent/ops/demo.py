@@ -9,9 +9,9 @@ from pathlib import Path
 import click
 
 from agent.config import load_config
-from agent.journal import FileState, Journal
-from agent.keys import write_new_keypair
 from agent.logs import setup_logging
+from agent.ops.keys import write_new_keypair
+from agent.store.journal import FileState, Journal
 
 DEMO_TENANT = "test_demo0sandbox"
 
@@ -33,7 +33,7 @@ SAMPLES = {
 
 
 def run_demo(keep: bool = False) -> int:
-    from agent.sandbox import SandboxServer  # needs the optional `demo` extra
+    from agent.ops.sandbox import SandboxServer  # needs the optional `demo` extra
     from agent.service import Agent
 
     root = Path(tempfile.mkdtemp(prefix="saasquatch-agent-demo-"))

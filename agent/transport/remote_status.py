@@ -7,7 +7,7 @@ SaaSquatch documents no status files, so the convention is configuration (`statu
   decides: JSON with a `status` field, text whose first word is a status, or SaaSquatch's errors
   CSV (`recordNumber,message,apiErrorCode,statusCode`);
 - `none`: nothing is followed.
-This module only reads and classifies; `agent.lifecycle` decides and moves files.
+This module only reads and classifies; `agent.pipeline.lifecycle` decides and moves files.
 """
 
 from __future__ import annotations

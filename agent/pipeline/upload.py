@@ -1,6 +1,6 @@
 """Upload: publish each queued file atomically under its fixed remote name, with exactly its checked bytes.
 
-Order for one file (a batch of small files takes the same steps together, agent.publish): the
+Order for one file (a batch of small files takes the same steps together, agent.transport.publish): the
 journal says UPLOADING before the first byte; the bytes go to the row's temporary name, hashed as
 they are read and every WRITE status read; the hash and size must equal the checked ones and the
 server must hold that size; the journal says PUBLISHING; a rename publishes the final name; the
@@ -23,13 +23,14 @@ from typing import Any
 import paramiko
 from loguru import logger
 
-from agent import publish, sftp_batch
-from agent.adopt import find_published
-from agent.archive import Filer
 from agent.config import Config, ImportType
 from agent.imports.naming import readable_stem
-from agent.journal import FINAL_STATES, FileRecord, FileState, Journal
-from agent.sftp import ConnectError, PrivateKeyError, SftpSession, remote_size
+from agent.store.adopt import find_published
+from agent.store.archive import Filer
+from agent.store.journal import FINAL_STATES, FileRecord, FileState, Journal
+from agent.transport import pipelining as sftp_batch
+from agent.transport import publish
+from agent.transport.sftp import ConnectError, PrivateKeyError, SftpSession, remote_size
 
 LOCAL_FAULT_PAUSE_SECONDS = 5.0
 BATCH_FILE_MAX_BYTES = 256 * 1024  # files up to this size are sent together (upload.batch_files)
@@ -66,7 +67,7 @@ class Uploader:
         self.stop_requested = threading.Event()
         self._connection_retry_at = 0.0
         self.heartbeat: Callable[[], None] = _no_heartbeat  # systemd watchdog ping: progress is made
-        # what follows a verified upload: archive now, or leave it to the status job (agent.lifecycle)
+        # what follows a verified upload: archive now, or leave it to the status job (pipeline.lifecycle)
         self.after_upload: Callable[[FileRecord], FileRecord] = filer.archive
         self.on_published: Callable[[FileRecord, float], None] | None = None  # metrics: upload seconds
         # with no status tracking, "uploaded" and the archive intent are one commit and the files are
@@ -110,7 +111,7 @@ class Uploader:
         """One attempt at one or more files over this thread's connection.
 
         A file already published goes on to archive; one an earlier attempt left uploading or
-        publishing is looked up remotely first; the rest are sent together (agent.publish). A
+        publishing is looked up remotely first; the rest are sent together (agent.transport.publish). A
         connection fault makes every file not yet published retry later, as it would one file.
         """
         results: dict[int, FileRecord] = {}
@@ -178,7 +179,7 @@ class Uploader:
         return record, f"found on the server as {name} (adopted: its row was lost); not sent again"
 
     def _send(self, records: list[FileRecord], results: dict[int, FileRecord]) -> None:
-        """The publish protocol for these files (agent.publish), each step for all of them at once."""
+        """The publish protocol for these files (transport.publish), each step for all of them at once."""
         sftp = self._client()
         started = time.monotonic()
         uploads = [publish.Upload(record, record.local_path, self.temp_path(record), self.final_path(record))

@@ -18,8 +18,8 @@ from pathlib import Path
 import paramiko
 
 from agent.config import SftpConfig
-from agent.fsutil import place
-from agent.sftp import known_hosts_name, proxy_sock
+from agent.store.fsutil import place
+from agent.transport.sftp import known_hosts_name, proxy_sock
 
 
 class TrustError(Exception):

@@ -16,8 +16,8 @@ from pathlib import Path
 from loguru import logger
 
 from agent.config import Config
-from agent.fsutil import durable_move, durable_moves, ensure_dir, write_durably
-from agent.journal import FileRecord, FileState, Journal
+from agent.store.fsutil import durable_move, durable_moves, ensure_dir, write_durably
+from agent.store.journal import FileRecord, FileState, Journal
 
 SERVER_INFIX = ".server."  # <name>.server.<remote status file>: the server's files, downloaded
 SIDE_SUFFIXES = (".gz", ".reason.txt", ".errors.csv")  # with SERVER_INFIX: every name written beside one
@@ -27,7 +27,7 @@ class Filer:
     def __init__(self, config: Config, journal: Journal) -> None:
         self.config = config
         self.journal = journal
-        self.on_failed: Callable[[FileRecord], None] | None = None  # notify hook (agent.lifecycle)
+        self.on_failed: Callable[[FileRecord], None] | None = None  # notify hook (agent.pipeline.lifecycle)
         # destinations chosen but not yet moved into: with several upload threads (upload.concurrency)
         # two files of the same name must never get the same free name (the second rename would
         # replace the first file). Released when the move is done (finish_move).

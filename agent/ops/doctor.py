@@ -23,7 +23,8 @@ from pathlib import Path
 import paramiko
 
 from agent.config import Config
-from agent.sftp import (
+from agent.ops.trust import TrustError, fetch_host_key, known_keys
+from agent.transport.sftp import (
     LIMITS_EXTENSION,
     POSIX_RENAME_EXTENSION,
     USED_EXTENSIONS,
@@ -39,7 +40,6 @@ from agent.sftp import (
     server_extensions,
     server_write_limit,
 )
-from agent.trust import TrustError, fetch_host_key, known_keys
 
 PROBE_PREFIX = ".saasquatch-agent-doctor-"  # hidden and without an import prefix: never imported
 VISIBLE_PROBE_PREFIX = "saasquatch-agent-doctor-"  # for a server that refuses hidden names

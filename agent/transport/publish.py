@@ -1,7 +1,7 @@
 """The publish protocol: the steps that put exactly the checked bytes under a final remote name.
 
 One file and a batch of small files take the same steps; a batch sends each step for all of its
-files before reading the replies (agent.sftp_batch). Per file:
+files before reading the replies (agent.transport.pipelining). Per file:
 
 1. OPEN the temporary name (derived from the journal row, never from the content).
 2. WRITE the local bytes, read as they are sent and hashed on the way. Every WRITE's status is read,
@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 import paramiko
 from paramiko.sftp import CMD_CLOSE, CMD_FSTAT, CMD_REMOVE, CMD_STAT, CMD_WRITE, int64
 
-from agent import sftp_batch
-from agent.journal import FileRecord
+from agent.store.journal import FileRecord
+from agent.transport import pipelining as sftp_batch
 
 WRITE_WINDOW_BYTES = 4 * 1024 * 1024  # WRITE bytes awaiting their status at most (per connection)
 READ_CHUNK = 256 * 1024  # local read size; each read is cut into WRITEs of the server's size

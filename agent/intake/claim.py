@@ -21,14 +21,14 @@ from typing import Any
 
 from loguru import logger
 
-from agent.archive import Filer
 from agent.config import Config
-from agent.fsutil import durable_moves, ensure_dir, fsync_dir
 from agent.imports.admission import PartOf, admit, part_numbers, spool_part_of
 from agent.imports.split import SplitError, split_file
 from agent.imports.types import FileFormat
-from agent.journal import FileRecord, FileState, Journal, iso_utc
-from agent.watch import Candidate, DropScanner, entry_problem
+from agent.intake.watch import Candidate, DropScanner, entry_problem
+from agent.store.archive import Filer
+from agent.store.fsutil import durable_moves, ensure_dir, fsync_dir
+from agent.store.journal import FileRecord, FileState, Journal, iso_utc
 
 HASH_CHUNK = 1024 * 1024
 CLAIM_BATCH = 64  # settled files claimed with one journal commit and one fsync per folder

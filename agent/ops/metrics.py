@@ -24,7 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from agent.config import Config
-from agent.journal import ACTIVE_STATES, FileRecord, FileState
+from agent.store.journal import ACTIVE_STATES, FileRecord, FileState
 
 PREFIX = "saasquatch_agent"
 LOOPBACK = "127.0.0.1"

@@ -18,7 +18,7 @@ from typing import Any
 from loguru import logger
 
 from agent.config import NotifyConfig
-from agent.journal import FileRecord
+from agent.store.journal import FileRecord
 
 QUEUE_LIMIT = 1000  # notifications beyond this while the command is slow are dropped (and logged)
 

@@ -7,10 +7,10 @@ import time
 
 from loguru import logger
 
-from agent.journal import FileRecord, FileState, Journal
-from agent.session_pool import SessionPool
-from agent.sftp import SftpSession
-from agent.upload import BATCH_FILE_MAX_BYTES, BATCH_MAX_BYTES, LOCAL_FAULT_PAUSE_SECONDS, Uploader
+from agent.pipeline.upload import BATCH_FILE_MAX_BYTES, BATCH_MAX_BYTES, LOCAL_FAULT_PAUSE_SECONDS, Uploader
+from agent.store.journal import FileRecord, FileState, Journal
+from agent.transport.session_pool import SessionPool
+from agent.transport.sftp import SftpSession
 
 
 class UploadWorker:

@@ -24,8 +24,8 @@ from loguru import logger
 from paramiko.sftp import CMD_EXTENDED, CMD_EXTENDED_REPLY, CMD_INIT, CMD_VERSION
 
 from agent.config import SftpConfig
-from agent.sftp_batch import PipelinedSFTPClient
 from agent.systemd import CREDENTIAL_KEY_NAME, credential_path
+from agent.transport.pipelining import PipelinedSFTPClient
 
 SFTP_WRITE_CHUNK = 32768  # the largest write paramiko sends in one request
 # Secure algorithms only, fastest first (bench/RESULTS.md). CBC modes, 3DES and MD5/96-bit MACs are
@@ -333,7 +333,7 @@ class SftpSession:
         if cfg.keepalive_seconds:
             transport.set_keepalive(cfg.keepalive_seconds)
         try:
-            # paramiko's client, able to send a batch's requests together (agent.sftp_batch)
+            # paramiko's client, able to send a batch's requests together (agent.transport.pipelining)
             sftp = AgentSFTPClient.from_transport(transport)
             if sftp is None:
                 raise paramiko.SSHException("the SFTP channel could not be opened")

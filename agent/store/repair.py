@@ -2,7 +2,7 @@
 
 Rebuild never deletes: the damaged database (and its -wal/-shm) is moved aside under a timestamped
 name, a new journal is made from the latest good backup (`journal.backup_seconds`) or empty, and
-the spool files no row names are adopted (agent.adopt). archive/ and failed/ are left as they are.
+the spool files no row names are adopted (agent.store.adopt). archive/ and failed/ are left as they are.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from agent.adopt import reconcile_spool
 from agent.config import Config
-from agent.fsutil import durable_move, durable_writer, ensure_dir
-from agent.journal import FileState, Journal, JournalError
+from agent.store.adopt import reconcile_spool
+from agent.store.fsutil import durable_move, durable_writer, ensure_dir
+from agent.store.journal import FileState, Journal, JournalError
 
 
 def integrity(path: Path) -> str:

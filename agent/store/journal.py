@@ -77,7 +77,7 @@ class FileState(StrEnum):
     ARCHIVED = "archived"  # final: local copy in archive/
     FAILED = "failed"  # final: local copy in failed/ with a reason file
     SPLIT = "split"  # final: over the limits, sent as parts (rows of their own); original archived
-    # the remote lifecycle (status.mode other than "none"; agent/remote_status.py): in the spool
+    # the remote lifecycle (status.mode other than "none"; agent/transport/remote_status.py): in the spool
     ACCEPTED = "accepted"  # the server took the file (consumed it, or a status file said so)
     PROCESSING = "processing"  # a status file says the import job is running
     COMPLETED = "completed"  # the server said the job completed; being archived
@@ -677,7 +677,7 @@ class Journal:
         """An online copy of the journal (SQLite's backup API, consistent while others write) at
         dest: written to a staging name, checked, fsynced, then renamed over the previous backup
         (the agent's own file, renewed on purpose). A copy that fails its check replaces nothing."""
-        from agent.fsutil import fsync_dir, place, staging_path
+        from agent.store.fsutil import fsync_dir, place, staging_path
 
         staging = staging_path(dest)
         with contextlib.suppress(FileNotFoundError):

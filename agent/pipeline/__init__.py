@@ -1,0 +1,2 @@
+"""Pipeline: the upload threads and what follows a published file (status poll, archive, retention,
+notifications)."""
