@@ -24,7 +24,7 @@ from agent.pipeline.upload import Uploader
 from agent.pipeline.upload_worker import UploadWorker
 from agent.store.adopt import reconcile_spool
 from agent.store.archive import Filer
-from agent.store.fsutil import ensure_dir
+from agent.store.fsutil import ensure_dir, finish_interrupted_move
 from agent.store.journal import ACTIVE_STATES, FileRecord, FileState, Journal
 from agent.systemd import Notifier
 from agent.transport.sftp import SftpSession
@@ -87,6 +87,9 @@ class Agent:
                 self.filer.resume_move(record)
             elif record.state == FileState.CLAIMED:
                 if local_exists:
+                    # a claim cut short between link and unlink (no renameat2) left two names of one
+                    # inode: finish the move first, so the copy is not taken for a hard-linked file
+                    finish_interrupted_move(Path(record.source_path), Path(record.local_path))
                     self.intake.check(record)
                 elif os.path.lexists(record.source_path):
                     self.journal.delete(record.id)  # the rename never happened; drop/ still has it

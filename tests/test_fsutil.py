@@ -193,3 +193,16 @@ def test_reservation_covers_every_side_name(tmp_path: Path) -> None:
         assert filer._reserve(failed, "d.csv", "13").name == "d-13.csv"  # reserved for #11
     finally:
         journal.close()
+
+
+def test_finish_interrupted_move_unlinks_only_a_second_name_of_the_same_file(tmp_path: Path) -> None:
+    """A claim cut short between link and unlink: drop/ and spool/ name one inode; the drop/ name
+    goes (so the spool copy is not refused as a hard-linked file). A different file is kept."""
+    drop, spool = tmp_path / "drop.csv", tmp_path / "spool.csv"
+    spool.write_bytes(b"claimed")
+    os.link(spool, drop)
+    fsutil.finish_interrupted_move(drop, spool)
+    assert not drop.exists() and spool.read_bytes() == b"claimed" and spool.stat().st_nlink == 1
+    drop.write_bytes(b"a new file of the same name")
+    fsutil.finish_interrupted_move(drop, spool)
+    assert drop.read_bytes() == b"a new file of the same name"

@@ -105,6 +105,14 @@ def _exists(src: Path, dst: Path) -> None:
     raise FileExistsError(errno.EEXIST, "File exists (not replaced)", str(dst))
 
 
+def finish_interrupted_move(src: Path, dst: Path) -> None:
+    """If a link + unlink move from src to dst was cut short (both names on one inode), unlink src."""
+    with contextlib.suppress(OSError):
+        if os.path.samefile(src, dst):
+            os.unlink(src)
+            fsync_dir(src.parent)
+
+
 def durable_move(src: Path, dst: Path) -> None:
     """Move src to dst so that after a crash the file is in exactly one of the two places.
 
