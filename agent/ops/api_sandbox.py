@@ -80,6 +80,7 @@ class Fault:
 @dataclass
 class Hold:
     after_work: bool
+    abandon: bool = False  # once released, drop the request without doing its work (nor answering)
     reached: threading.Event = field(default_factory=threading.Event)  # the request is waiting
     release: threading.Event = field(default_factory=threading.Event)
 
@@ -233,15 +234,18 @@ class ApiSandbox:
         with self._lock:
             return self.faults[kind].pop(0) if self.faults[kind] else None
 
-    def _wait_if_held(self, kind: str, after_work: bool) -> None:
+    def _wait_if_held(self, kind: str, after_work: bool) -> bool:
+        """Wait while the next request of `kind` is held at this point; False: drop it."""
         with self._lock:
             holds = self._holds[kind]
             hold = holds[0] if holds and holds[0].after_work == after_work else None
             if hold is not None:
                 holds.pop(0)
-        if hold is not None:
-            hold.reached.set()
-            hold.release.wait(HOLD_LIMIT_SECONDS)
+        if hold is None:
+            return True
+        hold.reached.set()
+        hold.release.wait(HOLD_LIMIT_SECONDS)
+        return not hold.abandon
 
     def upload(self, name: str, data: bytes) -> str:
         stem, dot, ext = name.rpartition(".")
@@ -376,12 +380,16 @@ class _Handler(BaseHTTPRequestHandler):
             payload = found.get_payload(decode=True)
             data = payload if isinstance(payload, bytes) else b""
         fault = sandbox._take_fault("upload")
-        sandbox._wait_if_held("upload", after_work=False)
+        if not sandbox._wait_if_held("upload", after_work=False):
+            self.close_connection = True
+            return
         if fault is not None and not fault.after_work:
             self._answer(fault.status, fault.body, {"Retry-After": "0"})
             return
         file_ref = sandbox.upload(name, data)
-        sandbox._wait_if_held("upload", after_work=True)
+        if not sandbox._wait_if_held("upload", after_work=True):
+            self.close_connection = True
+            return
         if fault is not None:
             self._answer(fault.status, fault.body)
             return
@@ -400,12 +408,16 @@ class _Handler(BaseHTTPRequestHandler):
         with sandbox._lock:
             sandbox.counts[kind] += 1
         fault = sandbox._take_fault(kind)
-        sandbox._wait_if_held(kind, after_work=False)
+        if not sandbox._wait_if_held(kind, after_work=False):
+            self.close_connection = True
+            return
         if fault is not None and not fault.after_work:
             self._answer(fault.status, fault.body, {"Retry-After": "0"})
             return
         answer = self._work(kind, variables)
-        sandbox._wait_if_held(kind, after_work=True)
+        if not sandbox._wait_if_held(kind, after_work=True):
+            self.close_connection = True
+            return
         if fault is not None:
             self._answer(fault.status, fault.body)
             return

@@ -16,6 +16,9 @@ out and its answer was lost (a crash, or a fault after the request went out). Th
 starts a second job blindly: the file goes to failed/ as `stale` with a reason saying how to check
 for the job in the portal, and `saasquatch-agent retry ID` sends it again when there is none.
 
+`attempts` counts the faults of the step the file is at (each step that succeeds starts it again),
+so `retry.once_max_attempts` bounds each step of a `run --once`, not the whole way.
+
 Outcomes: validation errors -> failed/ with the server's errors in `.errors.csv`; job `COMPLETED` ->
 archived with `recordsProcessed`; a job that failed or was aborted -> failed/ with the server's
 word; connection, TLS, 429, 5xx -> retried with the usual backoff (the file keeps its step);
@@ -175,7 +178,7 @@ class ApiUploader:
                                  f" {sent.file_ref} is left unused (no job was started)")
         record = self.journal.update(record.id, f"uploaded as fileRef {sent.file_ref}",
                                      state=FileState.UPLOADED, api_file_ref=sent.file_ref, error=None,
-                                     next_attempt_at=None)
+                                     next_attempt_at=None, attempts=0)
         logger.info("{} uploaded to SaaSquatch's import API as {} ({} bytes in {:.2f} s)", record.label,
                     sent.file_ref, sent.size, elapsed)
         if self.on_published is not None:
@@ -222,7 +225,7 @@ class ApiUploader:
         record = self.journal.update(
             record.id, f"import job {job.id} started ({job.type or kind}, requester {job.requester or '?'},"
             f" dateCreated {job.date_created})", state=FileState.PROCESSING, api_job_id=job.id, error=None,
-            next_attempt_at=time.time() + self.cfg.poll_seconds)
+            next_attempt_at=time.time() + self.cfg.poll_seconds, attempts=0)
         logger.info("{}: SaaSquatch started import job {} for it; asking for its outcome every {:g} s",
                     record.label, job.id, self.cfg.poll_seconds)
         return record
@@ -273,9 +276,9 @@ class ApiUploader:
         if note != record.error:
             if note:
                 logger.warning("{}: {}", record.label, note)
-            return self.journal.update(record.id, note, error=note, records_processed=records,
+            return self.journal.update(record.id, note, error=note, records_processed=records, attempts=0,
                                        next_attempt_at=time.time() + self.cfg.poll_seconds)
-        return self.journal.update(record.id, records_processed=records,
+        return self.journal.update(record.id, records_processed=records, attempts=0,
                                    next_attempt_at=time.time() + self.cfg.poll_seconds)
 
     def _job_started_at(self, record: FileRecord) -> datetime:
@@ -333,8 +336,12 @@ class ApiUploader:
         level = "ERROR" if isinstance(exc, ApiKeyRefused | ApiKeyError) else "WARNING"  # the key: loud
         logger.log(level, "{} not sent (attempt {}): {}; retrying in {:.1f} s", record.label, attempts,
                    reason, delay)
+        fields: dict[str, Any] = {}
+        if record.state == FileState.UPLOADING and (
+                isinstance(exc, ApiKeyError) or (isinstance(exc, ApiError) and not exc.maybe_done)):
+            fields["state"] = FileState.QUEUED  # provably nothing reached the server: still just queued
         return self.journal.update(record.id, f"retry: {reason}", attempts=attempts, error=reason,
-                                   next_attempt_at=time.time() + delay)
+                                   next_attempt_at=time.time() + delay, **fields)
 
     # ------------------------------------------------------------------ plumbing
 
