@@ -242,11 +242,13 @@ def keygen(path: Path) -> None:
 
 @main.command()
 @click.option("--keep", is_flag=True, help="Keep the sandbox folder and print where it is.")
-def demo(keep: bool) -> None:
-    """Run the whole flow against a local sandbox SFTP server (no credentials needed)."""
+@click.option("--transport", type=click.Choice([t.value for t in Transport]), default=Transport.SFTP.value,
+              show_default=True, help="The route to show: the SFTP server, or SaaSquatch's import API.")
+def demo(keep: bool, transport: str) -> None:
+    """Run the whole flow against a local sandbox (SFTP server or import API; no credentials needed)."""
     from agent.ops.demo import run_demo
 
-    sys.exit(run_demo(keep=keep))
+    sys.exit(run_demo(keep=keep, transport=transport))
 
 
 @main.command("trust-host")

@@ -302,27 +302,6 @@ class ImportApi:
             return f"answered with GraphQL errors for a job that does not exist ({error_words(exc.errors)})"
         return f"answered job(id) with {_snippet(json.dumps(data))}"
 
-    def tls_details(self) -> str:
-        """One unauthenticated request to base_url (any HTTP answer will do): the TLS version and
-        the certificate the server showed, checked against the configured CAs."""
-        try:
-            with httpx.Client(verify=trust_context(self.cfg), follow_redirects=False,
-                              timeout=httpx.Timeout(self.cfg.timeout_seconds)) as client, \
-                    client.stream("GET", self.cfg.base_url) as response:
-                stream = response.extensions.get("network_stream")
-                ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
-                status = response.status_code
-                if ssl_object is None:
-                    return f"HTTP {status} (no TLS details: plain HTTP or a proxy in between)"
-                cert = ssl_object.getpeercert() or {}
-                version = ssl_object.version()
-        except httpx.HTTPError as exc:
-            raise ApiUnavailable(self._fault_words("TLS check", exc), maybe_done=False) from None
-        subject = _name(cert.get("subject"))
-        issuer = _name(cert.get("issuer"))
-        return (f"{version}, certificate for {subject or '?'} issued by {issuer or '?'}, valid until"
-                f" {cert.get('notAfter', '?')} (HTTP {status})")
-
     # ------------------------------------------------------------------ plumbing
 
     def _graphql(self, what: str, query: str, variables: dict[str, Any],
@@ -348,19 +327,11 @@ class ImportApi:
         try:
             response = self._client.request(method, url, **kwargs)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-            raise ApiUnavailable(self._fault_words(what, exc), maybe_done=False) from None
+            raise ApiUnavailable(fault_words(self.cfg, what, exc), maybe_done=False) from None
         except httpx.HTTPError as exc:  # the request may have reached the server: read/write faults
-            raise ApiUnavailable(self._fault_words(what, exc), maybe_done=True) from None
+            raise ApiUnavailable(fault_words(self.cfg, what, exc), maybe_done=True) from None
         self._check(what, response)
         return response
-
-    def _fault_words(self, what: str, exc: httpx.HTTPError) -> str:
-        words = str(exc) or type(exc).__name__
-        hint = ""
-        if "CERTIFICATE_VERIFY_FAILED" in words or "certificate verify failed" in words:
-            hint = ("; the server's certificate is not trusted: set api.ca_file to the CA that signs it"
-                    " (a private CA or a TLS-inspecting proxy)")
-        return f"{what}: cannot reach {self.cfg.base_url} ({type(exc).__name__}: {_snippet(words)}){hint}"
 
     def _check(self, what: str, response: httpx.Response) -> None:
         status = response.status_code
@@ -393,6 +364,35 @@ class ImportApi:
             return response.json()
         except ValueError:
             raise ApiUnavailable(f"{what}: the answer is not JSON ({_snippet(response.text)})") from None
+
+
+def tls_details(cfg: ApiConfig) -> str:
+    """One unauthenticated GET of base_url (any HTTP answer will do): the TLS version and the
+    certificate the server showed, checked against the configured CAs (`doctor`)."""
+    try:
+        with httpx.Client(verify=trust_context(cfg), follow_redirects=False,
+                          timeout=httpx.Timeout(cfg.timeout_seconds)) as client, \
+                client.stream("GET", cfg.base_url) as response:
+            stream = response.extensions.get("network_stream")
+            ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
+            status = response.status_code
+            if ssl_object is None:
+                return f"HTTP {status} (no TLS details: plain HTTP or a proxy in between)"
+            cert = ssl_object.getpeercert() or {}
+            version = ssl_object.version()
+    except httpx.HTTPError as exc:
+        raise ApiUnavailable(fault_words(cfg, "TLS check", exc), maybe_done=False) from None
+    return (f"{version}, certificate for {_name(cert.get('subject')) or '?'} issued by"
+            f" {_name(cert.get('issuer')) or '?'}, valid until {cert.get('notAfter', '?')} (HTTP {status})")
+
+
+def fault_words(cfg: ApiConfig, what: str, exc: httpx.HTTPError) -> str:
+    words = str(exc) or type(exc).__name__
+    hint = ""
+    if "CERTIFICATE_VERIFY_FAILED" in words or "certificate verify failed" in words:
+        hint = ("; the server's certificate is not trusted: set api.ca_file to the CA that signs it"
+                " (a private CA or a TLS-inspecting proxy)")
+    return f"{what}: cannot reach {cfg.base_url} ({type(exc).__name__}: {_snippet(words)}){hint}"
 
 
 def _graphql_errors(response: httpx.Response) -> list[Any]:
