@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from agent.ops.api_sandbox import ApiSandbox, Hold, Verdict
+from agent.ops.metrics import JournalCollector
+from agent.store.journal import Journal
 from tests.helpers.agent_env import wait_until
 from tests.helpers.api_env import TENANT, ApiAgentEnv, assert_at_most_one_job, sha256, write_key
 
@@ -99,6 +101,14 @@ def test_outcomes_refused_validation_failed_job_and_completed(env: ApiAgentEnv, 
     assert sum(day["records_processed"] for day in days) == 3, days
     table = env.cli("status", "--config", str(env.config_path))
     assert "2 records imported" in table.stdout, table.stdout
+    collector = JournalCollector(env.state / "journal.sqlite3")
+    try:
+        samples = {(sample.name, sample.labels.get("import_type")): sample.value
+                   for metric in collector.collect() for sample in metric.samples}
+    finally:
+        collector.close()
+    assert samples[("saasquatch_agent_records_processed_total", "users")] == 2
+    assert samples[("saasquatch_agent_records_processed_total", "user_events")] == 1
 
 
 @pytest.mark.timeout(120)
@@ -261,3 +271,28 @@ def test_restart_mid_poll_follows_the_recorded_job(env: ApiAgentEnv, sandbox: Ap
     assert len(sandbox.jobs) == 2 and sandbox.counts["createJob"] == 2
     for row in polling:
         assert rows[row["name"]]["job_id"] == row["job_id"]  # the same job, polled after the restart
+
+
+@pytest.mark.timeout(120)
+def test_rows_restored_from_a_backup_wait_for_the_operator(env: ApiAgentEnv, sandbox: ApiSandbox) -> None:
+    """`journal rebuild` restores a backup that may be older than the truth: a row without a job id
+    there may have got one since, so it is never sent on without the operator."""
+    files = {"users_r.csv": USERS}
+    crash_at(env, sandbox.hold("validate"), files)
+    journal = Journal(env.state / "journal.sqlite3")
+    try:
+        journal.backup(env.state / "journal.backup.sqlite3")
+    finally:
+        journal.close()
+    rebuilt = env.cli("journal", "rebuild", "--config", str(env.config_path))
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    restart_until_final(env, 1)
+    rows = assert_at_most_one_job(env, files)
+    row = rows["users_r.csv"]
+    assert row["state"] == "stale" and "lost this file's history" in row["error"]
+    assert not sandbox.jobs
+
+    assert env.cli("retry", "users_r.csv", "--config", str(env.config_path)).returncode == 0
+    assert env.run_once(timeout=90).returncode == 0
+    rows = assert_at_most_one_job(env, files)
+    assert rows["users_r.csv"]["state"] == "archived" and len(sandbox.jobs) == 1
