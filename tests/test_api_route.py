@@ -4,6 +4,7 @@ job and ended archived (its job COMPLETED) or in failed/ with a reason beside it
 
 from __future__ import annotations
 
+import base64
 import json
 import signal
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ from agent.ops.api_sandbox import ApiSandbox, Hold, Verdict
 from agent.ops.metrics import JournalCollector
 from agent.store.journal import Journal
 from tests.helpers.agent_env import wait_until
-from tests.helpers.api_env import TENANT, ApiAgentEnv, assert_at_most_one_job, sha256, write_key
+from tests.helpers.api_env import API_KEY, TENANT, ApiAgentEnv, assert_at_most_one_job, sha256, write_key
 
 USERS = b"accountId,id,email\nacct-1,user-1,a@example.com\nacct-2,user-2,b@example.com\n"
 EVENTS = (b'{"accountId": "acct-1", "userId": "user-1", "event": {"key": "purchase",'
@@ -151,6 +152,7 @@ def test_create_job_answer_lost_after_the_job_was_made_waits_for_the_operator(
 @pytest.mark.timeout(120)
 def test_refused_key_keeps_the_file_queued_until_the_key_is_fixed(env: ApiAgentEnv,
                                                                    sandbox: ApiSandbox) -> None:
+    env.write_config('[log]\nlevel = "DEBUG"\n')  # not even DEBUG lines show the key
     write_key(env.key_path, "not-the-key")
     files = {"users_k.csv": USERS}
     drop_all(env, files)
@@ -159,12 +161,16 @@ def test_refused_key_keeps_the_file_queued_until_the_key_is_fixed(env: ApiAgentE
     [row] = env.status()
     assert row["state"] == "queued", row
     assert "the API key was refused (HTTP 401)" in row["error"]
-    assert "not-the-key" not in result.stderr + env.log()  # never logged
+    assert " DEBUG " in result.stderr  # the DEBUG lines are there
+    for secret in ("not-the-key", base64.b64encode(b":not-the-key").decode()):
+        assert secret not in result.stderr
     assert sandbox.counts["unauthorized"] >= 1 and not sandbox.uploads and not sandbox.jobs
 
     write_key(env.key_path)  # fixed
     result = env.run_once(timeout=90)
     assert result.returncode == 0, result.stderr
+    for secret in (API_KEY, base64.b64encode(f":{API_KEY}".encode()).decode()):
+        assert secret not in result.stderr
     rows = assert_at_most_one_job(env, files)
     assert rows["users_k.csv"]["state"] == "archived"
 
