@@ -252,3 +252,44 @@ def test_doctor_says_to_set_ca_file_when_the_certificate_is_not_trusted(tmp_path
     assert result.returncode == 1, result.stdout + result.stderr
     assert "FAIL TLS:" in result.stdout and "api.ca_file" in result.stdout
     assert "SKIP API key accepted" in result.stdout
+
+
+# ---------------------------------------------------------------------- bytes that are not the checked ones
+
+def test_bytes_that_changed_after_the_check_start_no_job(tmp_path: Path, sandbox: ApiSandbox) -> None:
+    """The bytes sent are hashed as read; when they are not the checked ones (same size, other
+    content) the upload is left unused, no job is started, and intake checks the file again."""
+    from agent.config import Config, PathsConfig, UploadConfig
+    from agent.pipeline.api_upload import ApiUploader
+    from agent.store.archive import Filer
+    from agent.store.journal import FileState, Journal
+
+    key = write_key(tmp_path / "api-key")
+    config = Config(upload=UploadConfig(transport=Transport.API),
+                    api=api_config(sandbox, api_key_file=key),
+                    paths=PathsConfig(drop=tmp_path / "drop", state_dir=tmp_path / "state",
+                                      archive=tmp_path / "archive", failed=tmp_path / "failed"))
+    config.spool_dir.mkdir(parents=True)
+    journal = Journal(config.journal_path)
+    uploader = ApiUploader(config, journal, Filer(config, journal))
+    checked_again: list[int] = []
+    uploader.on_changed = lambda record: checked_again.append(record.id)
+    try:
+        record = journal.add_claim("users_x.csv", tmp_path / "drop" / "users_x.csv", config.spool_dir)
+        Path(record.local_path).write_bytes(b"accountId,id\na,2\n")  # checked: a,1 (same size)
+        record = journal.update(record.id, state=FileState.QUEUED, size=17, import_type="users",
+                                sha256=sha256_of(b"accountId,id\na,1\n"), remote_name="users_x_1.csv")
+        record = uploader.process(record)
+        assert record.state == FileState.CLAIMED and checked_again == [record.id]
+        assert len(sandbox.uploads) == 1 and sandbox.counts["validate"] == 0 and not sandbox.jobs
+        assert any("changed after it was taken" in (message or "") for _at, _state, message
+                   in journal.events(record.id))
+    finally:
+        uploader.close()
+        journal.close()
+
+
+def sha256_of(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
