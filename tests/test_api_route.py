@@ -31,6 +31,8 @@ def judge(name: str, data: bytes, job_type: str) -> Verdict:
         return Verdict(final_status="FAILED", polls_before_final=1)
     if "slow" in name:
         return Verdict(polls_before_final=4)
+    if "odd" in name:
+        return Verdict(final_status="PARTIALLY_IMPORTED", polls_before_final=0)
     return Verdict()
 
 
@@ -147,6 +149,21 @@ def test_create_job_answer_lost_after_the_job_was_made_waits_for_the_operator(
     assert "may or may not have an import job" in row["error"] and "saasquatch-agent retry" in row["error"]
     assert sandbox.counts["createJob"] == 1  # never a second createJob
     assert sum(sandbox.jobs_by_content().values()) == 1
+
+
+@pytest.mark.timeout(120)
+def test_an_unknown_job_word_is_kept_and_shown_never_guessed(env: ApiAgentEnv, sandbox: ApiSandbox) -> None:
+    env.write_config("[status]\ntimeout = 2\n")  # the wait for a final word, shortened for the test
+    files = {"users_odd.csv": USERS}
+    drop_all(env, files)
+    result = env.run_once(timeout=90)
+    assert result.returncode == 1
+    rows = assert_at_most_one_job(env, files)
+    row = rows["users_odd.csv"]
+    assert row["state"] == "stale" and "no final word from SaaSquatch on import job" in row["error"]
+    history = env.cli("history", "users_odd.csv", "--config", str(env.config_path)).stdout
+    assert "unrecognised job status 'PARTIALLY_IMPORTED'" in history, history
+    assert sandbox.jobs[row["job_id"]].polls >= 2  # asked again, not acted on
 
 
 @pytest.mark.timeout(120)

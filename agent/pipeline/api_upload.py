@@ -222,13 +222,13 @@ class ApiUploader:
             self.journal.update(record.id, f"createJob not carried out ({exc}); no job was started",
                                 state=FileState.UPLOADED)
             raise
-        record = self.journal.update(
+        # logged before the commit: should the commit fail, the log still names the job
+        logger.info("{}: SaaSquatch started import job {} for it (fileRef {}); asking for its outcome every"
+                    " {:g} s", record.label, job.id, file_ref, self.cfg.poll_seconds)
+        return self.journal.update(
             record.id, f"import job {job.id} started ({job.type or kind}, requester {job.requester or '?'},"
             f" dateCreated {job.date_created})", state=FileState.PROCESSING, api_job_id=job.id, error=None,
             next_attempt_at=time.time() + self.cfg.poll_seconds, attempts=0)
-        logger.info("{}: SaaSquatch started import job {} for it; asking for its outcome every {:g} s",
-                    record.label, job.id, self.cfg.poll_seconds)
-        return record
 
     def _poll(self, record: FileRecord) -> FileRecord:
         job_id = str(record.api_job_id)
