@@ -20,7 +20,7 @@ from typing import NoReturn, ParamSpec
 import click
 from loguru import logger
 
-from agent.config import Config, ConfigError, ImportsConfig, ImportType, load_config
+from agent.config import Config, ConfigError, ImportsConfig, ImportType, Transport, load_config
 from agent.logs import escape_controls, setup_logging
 from agent.store.journal import FileRecord, FileState, Journal, JournalError, journal_error
 
@@ -84,9 +84,11 @@ def refuse_root_on_service_state(config: Config) -> None:
     source = config.source or Path("agent.toml")
     unit = "saasquatch-agent" if source.name == "agent.toml" else f"saasquatch-agent@{source.stem}"
     command = shutil.which("saasquatch-agent") or "saasquatch-agent"
+    credential = (f"api-key:{config.api.api_key_file}" if config.upload.transport == Transport.API
+                  else f"sftp-key:{config.sftp.private_key}")
     fail(f"{state_dir} belongs to {user}: run as root, the agent would leave files there that {user} "
          f"cannot use. Run it as {user}, with the key systemd passes: systemd-run --pipe --wait "
-         f"-p User={user} -p LoadCredential=sftp-key:{config.sftp.private_key} {command} run --once "
+         f"-p User={user} -p LoadCredential={credential} {command} run --once "
          f"--config {source} (or let the service do it: systemctl restart {unit})", EXIT_USAGE)
 
 
@@ -153,13 +155,18 @@ def main() -> None:
 def run(config_path: Path | None, once: bool) -> None:
     """Run the agent (the daemon, or one pass with --once)."""
     from agent.service import Agent, AlreadyRunning, run_daemon
+    from agent.transport.api import ApiKeyError, api_key_path, load_api_key
     from agent.transport.sftp import PrivateKeyError, load_private_key, private_key_path
 
     config = load_or_exit(config_path)
     refuse_root_on_service_state(config)
     setup_logging(config.log)
     try:
-        load_private_key(private_key_path(config.sftp))  # unusable key: exit 1 now, files stay queued
+        # an unusable key: exit 1 now, files stay queued
+        if config.upload.transport == Transport.API:
+            load_api_key(api_key_path(config.api))
+        else:
+            load_private_key(private_key_path(config.sftp))
         if once:
             agent = Agent(config)
             sys.exit(agent.run_once())
@@ -168,7 +175,7 @@ def run(config_path: Path | None, once: bool) -> None:
         fail(str(exc), EXIT_RUNTIME)
     except JournalError as exc:
         fail(str(exc), EXIT_RUNTIME)
-    except (PrivateKeyError, OSError) as exc:
+    except (PrivateKeyError, ApiKeyError, OSError) as exc:
         logger.error("cannot start: {}", exc)
         sys.exit(EXIT_RUNTIME)
 
@@ -235,11 +242,13 @@ def keygen(path: Path) -> None:
 
 @main.command()
 @click.option("--keep", is_flag=True, help="Keep the sandbox folder and print where it is.")
-def demo(keep: bool) -> None:
-    """Run the whole flow against a local sandbox SFTP server (no credentials needed)."""
+@click.option("--transport", type=click.Choice([t.value for t in Transport]), default=Transport.SFTP.value,
+              show_default=True, help="The route to show: the SFTP server, or SaaSquatch's import API.")
+def demo(keep: bool, transport: str) -> None:
+    """Run the whole flow against a local sandbox (SFTP server or import API; no credentials needed)."""
     from agent.ops.demo import run_demo
 
-    sys.exit(run_demo(keep=keep))
+    sys.exit(run_demo(keep=keep, transport=transport))
 
 
 @main.command("trust-host")
@@ -258,6 +267,9 @@ def trust_host(config_path: Path | None, fingerprint: str | None, hashed: bool) 
     )
 
     config = load_or_exit(config_path)
+    if config.upload.transport == Transport.API:
+        fail('upload.transport is "api": trust-host is for the SFTP route (the API route checks the'
+             " server's TLS certificate against the system's CAs, or api.ca_file)", EXIT_USAGE)
     cfg = config.sftp
     try:
         info = fetch_host_key(cfg)

@@ -7,7 +7,9 @@ message names the file and the key.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Callable
 from enum import StrEnum
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from agent.imports.namerules import check_distinct, check_folder, check_prefix
 
@@ -75,7 +78,14 @@ class WatchConfig(_Section):
     rescan_seconds: Annotated[float, Field(gt=0)] = 60.0
 
 
+class Transport(StrEnum):
+    SFTP = "sftp"  # SaaSquatch's SFTP Import Integration: the server creates the import job itself
+    API = "api"  # SaaSquatch's import API (upload, validate, createJob, poll the job): needs an API key
+
+
 class UploadConfig(_Section):
+    # the route to SaaSquatch: "sftp" ([sftp]) or "api" ([api]; agent/pipeline/api_upload.py)
+    transport: Transport = Transport.SFTP
     # upload threads, each with its own SSH connection; 4: 3.4x faster than 1 on a 20 ms link, about
     # the same on loopback (bench/RESULTS.md, round 2)
     concurrency: Annotated[int, Field(ge=1, le=16)] = 4
@@ -99,6 +109,84 @@ class UploadConfig(_Section):
             value.format(id=1, stem="x")
         except (KeyError, IndexError, ValueError) as exc:
             raise ValueError(f"only {{id}} and {{stem}} may be used ({exc})") from None
+        return value
+
+
+LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
+DEFAULT_API_BASE_URL = "https://app.referralsaasquatch.com"
+_TENANT_ALIAS = re.compile(r"[A-Za-z0-9_-]{1,100}")
+_SECRET_KEYS = frozenset({"api_key", "key", "password", "secret", "token", "apikey", "api_token"})
+
+
+def is_loopback_host(host: str) -> bool:
+    """127.0.0.0/8, ::1 or a name that always means this machine."""
+    host = host.strip("[]").lower()
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class ApiConfig(_Section):
+    """[api]: SaaSquatch's import API (`upload.transport = "api"`, agent/transport/api.py).
+
+    The API key itself is never in this file: it is read from `api_key_file` (mode 0600) or from
+    the systemd credential `api-key` ($CREDENTIALS_DIRECTORY/api-key), which wins when present.
+    """
+
+    base_url: str = DEFAULT_API_BASE_URL  # HTTPS; plain HTTP only to a loopback address (tests)
+    tenant_alias: str = ""  # e.g. test_akdq8a9wyvzba; required with upload.transport = "api"
+    api_key_file: Path | None = None  # the tenant API key alone, mode 0600 (or the credential api-key)
+    ca_file: Path | None = None  # PEM CAs to trust instead of the system's (private CA, TLS proxy)
+    timeout_seconds: Annotated[float, Field(gt=0)] = 60.0  # connect, and each read/write of a request
+    poll_seconds: Annotated[float, Field(gt=0)] = 30.0  # how often a running import job is asked about
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_secret_here(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in data:
+                if str(key).lower() in _SECRET_KEYS:
+                    # the value is never repeated: it may be the key
+                    raise PydanticCustomError(
+                        "secret_in_config",
+                        "the API key never goes in the configuration file (the value is not repeated"
+                        " here); remove '{key}' and put the key alone in a file of mode 0600 named by"
+                        " api.api_key_file, or pass it as the systemd credential api-key",
+                        {"key": str(key)})
+        return data
+
+    @field_validator("base_url")
+    @classmethod
+    def _https_only(cls, value: str) -> str:
+        from urllib.parse import urlsplit
+
+        value = value.strip().rstrip("/")
+        try:
+            parts = urlsplit(value)
+            host = parts.hostname or ""
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError as exc:
+            raise ValueError(f"not a URL ({exc})") from None
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("must not carry a user name or password (the key comes from api.api_key_file)")
+        if parts.query or parts.fragment or not host:
+            raise ValueError("must be a plain https://host[:port] URL, e.g. " + DEFAULT_API_BASE_URL)
+        if parts.scheme == "https":
+            return value
+        if parts.scheme == "http" and is_loopback_host(host):
+            return value  # a local test server; nothing leaves this machine
+        raise ValueError("must use https:// (plain http:// is refused except to a loopback address,"
+                         " which only tests use)")
+
+    @field_validator("tenant_alias")
+    @classmethod
+    def _alias_chars(cls, value: str) -> str:
+        if value and not _TENANT_ALIAS.fullmatch(value):
+            raise ValueError("must be the tenant alias from SaaSquatch (letters, digits, _ and -),"
+                             " e.g. test_akdq8a9wyvzba")
         return value
 
 
@@ -291,7 +379,9 @@ class NotifyConfig(_Section):
 
 
 class Config(_Section):
-    sftp: SftpConfig
+    # [sftp] is required with upload.transport = "sftp" and may be left out with "api"; read it as
+    # `config.sftp` (a ConfigError when it is absent)
+    sftp_section: SftpConfig | None = Field(default=None, alias="sftp")
     paths: PathsConfig = PathsConfig()
     watch: WatchConfig = WatchConfig()
     retry: RetryConfig = RetryConfig()
@@ -304,7 +394,32 @@ class Config(_Section):
     archive: ArchiveConfig = ArchiveConfig()
     notify: NotifyConfig = NotifyConfig()
     journal: JournalConfig = JournalConfig()
+    api: ApiConfig = ApiConfig()
     source: Path | None = None
+
+    @model_validator(mode="after")
+    def _transport_needs(self) -> Config:
+        if self.upload.transport == Transport.SFTP and self.sftp_section is None:
+            raise PydanticCustomError("transport_needs", "missing required key 'sftp' (the SFTP"
+                                      ' route, upload.transport = "sftp", needs it)')
+        if self.upload.transport == Transport.API:
+            if not self.api.tenant_alias:
+                raise PydanticCustomError("transport_needs", 'upload.transport = "api" needs'
+                                          " api.tenant_alias (the tenant alias, e.g. test_akdq8a9wyvzba)")
+            if self.status.tracking:
+                raise PydanticCustomError("transport_needs", 'status.mode is for the SFTP route; with'
+                                          ' upload.transport = "api" the agent follows the import job'
+                                          ' itself: remove status.mode (or set it to "none")')
+        return self
+
+    @property
+    def sftp(self) -> SftpConfig:
+        """[sftp]; absent only with upload.transport = "api", where nothing asks for it."""
+        if self.sftp_section is None:
+            raise ConfigError(f"{self.source or 'configuration'}: upload.transport is"
+                              f" {self.upload.transport.value!r} and there is no [sftp] section;"
+                              " this needs the SFTP settings")
+        return self.sftp_section
 
     @property
     def spool_dir(self) -> Path:
@@ -331,6 +446,7 @@ def resolve_config_path(explicit: str | os.PathLike[str] | None) -> Path:
 def _resolve_relative(data: dict[str, Any], base: Path) -> None:
     """Make the path-valued keys absolute, relative to the config file's folder."""
     for section, keys in (("sftp", ("private_key", "known_hosts")), ("metrics", ("textfile",)),
+                          ("api", ("api_key_file", "ca_file")),
                           ("paths", ("drop", "state_dir", "archive", "failed"))):
         table = data.get(section)
         if not isinstance(table, dict):
@@ -343,6 +459,8 @@ def _resolve_relative(data: dict[str, Any], base: Path) -> None:
 
 def _describe(error: Any) -> str:
     location = ".".join(str(part) for part in error["loc"])
+    if not location:  # a rule across sections: the message names the keys
+        return str(error["msg"])
     if error["type"] == "extra_forbidden":
         return f"unknown key '{location}'"
     if error["type"] == "missing":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import signal
 import sqlite3
@@ -15,10 +16,11 @@ from typing import IO, TYPE_CHECKING
 
 from loguru import logger
 
-from agent.config import Config, ConfigError, load_config
+from agent.config import Config, ConfigError, Transport, load_config
 from agent.intake.claim import NOTICE_LIMIT, Intake, SettleQueue
 from agent.intake.watch import DropScanner, DropWatcher
 from agent.logs import setup_logging
+from agent.pipeline.api_upload import ApiUploader
 from agent.pipeline.lifecycle import TRACKED_STATES, Lifecycle
 from agent.pipeline.upload import Uploader
 from agent.pipeline.upload_worker import UploadWorker
@@ -59,12 +61,20 @@ class Agent:
         self.filer = Filer(config, self.journal)
         self.scanner = DropScanner(paths.drop, _type_folders(config))
         self.scanner.create_folders()
-        self.session = SftpSession(config.sftp)
-        self.uploader = Uploader(config, self.journal, self.filer, self.session)
-        self.worker = UploadWorker(self.uploader, self.journal, config.upload.concurrency)
-        self.lifecycle = Lifecycle(config, self.journal, self.filer, self.uploader)  # after the upload
-        # the status poll borrows the upload threads' connections (a server may allow only one)
-        self.lifecycle.share_connections(self.worker._sessions)
+        self.uploader: Uploader | ApiUploader
+        if config.upload.transport == Transport.API:  # SaaSquatch's import API (pipeline/api_upload.py)
+            self.uploader = ApiUploader(config, self.journal, self.filer)
+            self.worker = UploadWorker(self.uploader, self.journal, config.upload.concurrency)
+            self.lifecycle = Lifecycle(config, self.journal, self.filer)  # notify, archive, retention
+            self.uploader.after_archive = self.lifecycle.compress
+            self.uploader.on_stale = functools.partial(self.lifecycle.notifier.submit, event="stale")
+        else:
+            self.session = SftpSession(config.sftp)
+            self.uploader = Uploader(config, self.journal, self.filer, self.session)
+            self.worker = UploadWorker(self.uploader, self.journal, config.upload.concurrency)
+            self.lifecycle = Lifecycle(config, self.journal, self.filer, self.uploader)  # after the upload
+            # the status poll borrows the upload threads' connections (a server may allow only one)
+            self.lifecycle.share_connections(self.worker.sessions)
         self.intake = Intake(config, self.journal, self.filer, self.scanner, self.worker.wake)
         self.settle = SettleQueue(config.watch.settle_seconds, self.intake.claim_many,
                                   self.intake.check_again)
@@ -137,10 +147,9 @@ class Agent:
                                    next_run_time=datetime.now(UTC) + timedelta(seconds=min(every, 30.0)))
         self.scheduler.start()
         self.rescan()
-        logger.info("watching {} (settle {} s, rescan every {} s); uploading to {}@{}:{}{}",
+        logger.info("watching {} (settle {} s, rescan every {} s); uploading to {}",
                     self.config.paths.drop, self.config.watch.settle_seconds,
-                    self.config.watch.rescan_seconds, self.config.sftp.username,
-                    self.config.sftp.host, self.config.sftp.port, self.config.sftp.remote_dir)
+                    self.config.watch.rescan_seconds, destination(self.config))
 
     def backup_journal(self) -> None:
         """The periodic online copy of the journal (`journal.backup_seconds`)."""
@@ -163,6 +172,8 @@ class Agent:
         if not self.worker.stop(max(0.1, deadline - time.monotonic())):
             logger.warning("the upload in flight did not stop in time; it resumes at the next start")
         self.lifecycle.stop(max(0.1, deadline - time.monotonic()))
+        if isinstance(self.uploader, ApiUploader):
+            self.uploader.close()
         self.journal.close()
         self._lock_file.close()
 
@@ -194,6 +205,14 @@ class Agent:
                 "{} ended {}: {}", record.label, record.state.value, record.error)
         logger.info("--once: {} file(s) archived, {} not", total - len(not_done), len(not_done))
         return 1 if not_done else 0
+
+
+def destination(config: Config) -> str:
+    """Where files go, for the log: the SFTP server and folder, or the import API's tenant URL."""
+    if config.upload.transport == Transport.API:
+        return f"SaaSquatch's import API {config.api.base_url}/api/v1/{config.api.tenant_alias}"
+    sftp = config.sftp
+    return f"{sftp.username}@{sftp.host}:{sftp.port}{sftp.remote_dir}"
 
 
 def _type_folders(config: Config) -> list[str]:

@@ -1,7 +1,10 @@
-"""`saasquatch-agent demo`: the whole flow against a local sandbox SFTP server, no credentials."""
+"""`saasquatch-agent demo [--transport api]`: the whole flow against a local sandbox SFTP server, or a
+local stand-in for SaaSquatch's import API; no credentials."""
 
 from __future__ import annotations
 
+import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -32,7 +35,9 @@ SAMPLES = {
 }
 
 
-def run_demo(keep: bool = False) -> int:
+def run_demo(keep: bool = False, transport: str = "sftp") -> int:
+    if transport == "api":
+        return run_api_demo(keep)
     from agent.ops.sandbox import SandboxServer  # needs the optional `demo` extra
     from agent.service import Agent
 
@@ -90,6 +95,76 @@ def _report(journal_path: Path, server_root: Path) -> int:
     if expected_ok == len(SAMPLES) == len(records):
         click.echo("demo finished: two files were delivered and archived, the broken one was refused"
                    " with its reason, as expected")
+        return 0
+    click.echo("demo did not end as expected; see the log lines above", err=True)
+    return 1
+
+
+def run_api_demo(keep: bool = False) -> int:
+    """The same flow over the API route, against a local HTTPS stand-in for SaaSquatch's import API
+    (agent/ops/api_sandbox.py; its CA is made now and trusted through api.ca_file)."""
+    from agent.ops.api_sandbox import ApiSandbox
+    from agent.service import Agent
+
+    root = Path(tempfile.mkdtemp(prefix="saasquatch-agent-demo-api-"))
+    try:
+        api_key = secrets.token_hex(16)
+        key_file = root / "keys" / "api-key"
+        key_file.parent.mkdir(parents=True)
+        descriptor = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(api_key + "\n")
+        server = ApiSandbox(root / "api-server", DEMO_TENANT, api_key)
+        server.start()
+        try:
+            config_path = root / "agent.toml"
+            config_path.write_text(
+                '[upload]\ntransport = "api"\n\n'
+                f'[api]\nbase_url = "{server.base_url}"\ntenant_alias = "{DEMO_TENANT}"\n'
+                f'api_key_file = "keys/api-key"\nca_file = "{server.ca_path}"\npoll_seconds = 0.5\n\n'
+                "[paths]\n"
+                'drop = "drop"\nstate_dir = "state"\narchive = "archive"\nfailed = "failed"\n\n'
+                "[watch]\nsettle_seconds = 0\n\n[retry]\nonce_max_attempts = 2\n"
+            )
+            config = load_config(config_path)
+            setup_logging(config.log)
+            config.paths.drop.mkdir(parents=True, exist_ok=True)
+            for name, text in SAMPLES.items():
+                (config.paths.drop / name).write_text(text)
+            click.echo(f"sandbox of SaaSquatch's import API on {server.base_url} (HTTPS, a CA made for the"
+                       f" demo), files under {root}")
+            Agent(config).run_once()
+        finally:
+            server.stop()
+        return _report_api(config.journal_path, set(server.jobs))
+    finally:
+        if keep:
+            click.echo(f"kept the sandbox folder: {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _report_api(journal_path: Path, jobs: set[str]) -> int:
+    journal = Journal(journal_path, readonly=True)
+    records = journal.all()
+    journal.close()
+    click.echo("")
+    expected_ok = 0
+    for record in records:
+        click.echo(f"{record.name}\n  state:  {record.state.value}\n  local:  {record.local_path}")
+        if record.api_job_id:
+            click.echo(f"  job:    {record.api_job_id} (fileRef {record.api_file_ref}),"
+                       f" {record.records_processed} record(s) processed")
+        if record.error:
+            click.echo(f"  reason: {record.error}")
+        refused = record.name == "users_missing-ids.csv"
+        if (refused and record.state == FileState.FAILED and record.api_job_id is None) or (
+                not refused and record.state == FileState.ARCHIVED and record.api_job_id in jobs):
+            expected_ok += 1
+    click.echo("")
+    if expected_ok == len(SAMPLES) == len(records) == len(jobs) + 1:
+        click.echo("demo finished: two files were imported by their API jobs (recordsProcessed above) and"
+                   " archived, the broken one was refused with its reason, as expected")
         return 0
     click.echo("demo did not end as expected; see the log lines above", err=True)
     return 1

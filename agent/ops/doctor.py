@@ -22,7 +22,7 @@ from pathlib import Path
 
 import paramiko
 
-from agent.config import Config
+from agent.config import Config, SftpConfig, Transport
 from agent.ops.trust import TrustError, fetch_host_key, known_keys
 from agent.transport.sftp import (
     LIMITS_EXTENSION,
@@ -81,11 +81,14 @@ def _nearest_existing(path: Path) -> Path:
 class Doctor:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.cfg = config.sftp
         self.failed: set[str] = set()
         self._session: SftpSession | None = None
         self._server_time: float | None = None
         self._posix_rename: bool | None = None  # None: not tried; False: refused (plain rename used)
+
+    @property
+    def cfg(self) -> SftpConfig:
+        return self.config.sftp
 
     # ------------------------------------------------------------------ checks
 
@@ -348,6 +351,23 @@ class Doctor:
     # ------------------------------------------------------------------- runner
 
     def plan(self) -> list[tuple[str, Callable[[], str], tuple[str, ...]]]:
+        if self.config.upload.transport == Transport.API:  # agent/ops/doctor_api.py
+            from agent.ops.doctor_api import ApiCheckFailed, ApiChecks
+
+            def check(run: Callable[[], str]) -> Callable[[], str]:
+                def checked() -> str:
+                    try:
+                        return run()
+                    except ApiCheckFailed as exc:
+                        raise _Failed(exc.detail, exc.fix) from None
+                return checked
+
+            return [
+                ("paths and permissions", self.check_paths, ()),
+                ("same filesystem", self.check_same_filesystem, ("paths and permissions",)),
+                *((name, check(run), needs) for name, run, needs in ApiChecks(self.config.api).plan()),
+                ("clock", self.check_clock, ()),
+            ]
         return [
             ("paths and permissions", self.check_paths, ()),
             ("same filesystem", self.check_same_filesystem, ("paths and permissions",)),

@@ -70,6 +70,9 @@ class JournalCollector(Collector):
         retries = CounterMetricFamily(f"{PREFIX}_retries", "Upload attempts that failed and were retried")
         last_ok = GaugeMetricFamily(f"{PREFIX}_last_success_timestamp_seconds",
                                     "Unix time of the last successful upload (0 when none yet)")
+        imported = CounterMetricFamily(f"{PREFIX}_records_processed",
+                                       "Records SaaSquatch's import jobs processed (the API route)",
+                                       labels=["import_type"])
         done = tuple(s.value for s in (FileState.UPLOADED, FileState.ARCHIVED))
         active = tuple(s.value for s in ACTIVE_STATES)
         with self._lock:
@@ -78,6 +81,7 @@ class JournalCollector(Collector):
             sums = (0, 0, 0)
             oldest_at: str | None = None
             last_at: str | None = None
+            by_type: list[tuple[str | None, int]] = []
             if db is not None:
                 rows = db.execute("SELECT state, import_type, COUNT(*) FROM files"
                                   " GROUP BY state, import_type").fetchall()
@@ -89,6 +93,9 @@ class JournalCollector(Collector):
                                        " AND state != ?", (*active, FileState.UPLOADED.value)).fetchone()[0]
                 last_at = db.execute("SELECT MAX(at) FROM events WHERE state = ?",
                                      (FileState.UPLOADED.value,)).fetchone()[0]
+                by_type = db.execute("SELECT import_type, SUM(records_processed) FROM files WHERE"
+                                     " records_processed IS NOT NULL AND state = ? GROUP BY import_type",
+                                     (FileState.ARCHIVED.value,)).fetchall()
         queued = 0
         for state, import_type, count in rows:
             files.add_metric([state, import_type or "unknown"], count)
@@ -101,7 +108,9 @@ class JournalCollector(Collector):
         uploaded_files.add_metric([], sums[1])
         retries.add_metric([], sums[2])
         last_ok.add_metric([], _epoch(last_at) or 0.0)
-        yield from (files, depth, oldest, uploaded_bytes, uploaded_files, retries, last_ok)
+        for import_type, total in by_type:
+            imported.add_metric([import_type or "unknown"], int(total or 0))
+        yield from (files, depth, oldest, uploaded_bytes, uploaded_files, retries, last_ok, imported)
 
 
 def _marks(values: tuple[str, ...]) -> str:

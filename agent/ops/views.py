@@ -74,11 +74,19 @@ def status_table(records: list[FileRecord], now: datetime | None = None) -> list
     for r in records:
         age = human_age((now - parse_time(r.created_at)).total_seconds())
         error = escape_controls(" ".join(
-            (r.error or ("adopted from spool/: the journal had no row" if r.adopted else "")).split()))
+            (r.error or ("adopted from spool/: the journal had no row" if r.adopted else "")
+             or _imported(r)).split()))
         name = escape_controls(r.name)
         lines.append(f"{r.id:>5}  {r.state.value:<10} {r.import_type or '-':<18} {age:>5}  {name[:32]:<32}"
                      f" {escape_controls(r.remote_name or '-')[:48]:<48} {error[:200]}")
     return lines
+
+
+def _imported(record: FileRecord) -> str:
+    """The API route's outcome: how many records SaaSquatch's import job processed."""
+    if record.records_processed is None:
+        return ""
+    return f"{record.records_processed} records imported (job {record.api_job_id})"
 
 
 def find(journal: Journal, key: str) -> list[FileRecord]:
@@ -114,10 +122,12 @@ class ReportRow:
     day: str
     import_type: str
     counts: Counter[str]
+    records_processed: int = 0  # the API route: recordsProcessed of the import jobs that completed
 
     def to_json(self) -> dict[str, Any]:
         return {"day": self.day, "import_type": self.import_type, "total": sum(self.counts.values()),
-                **{outcome: self.counts.get(outcome, 0) for outcome in REPORT_OUTCOMES}}
+                **{outcome: self.counts.get(outcome, 0) for outcome in REPORT_OUTCOMES},
+                "records_processed": self.records_processed}
 
 
 REPORT_OUTCOMES = ("archived", "failed", "stale", "split", "in_progress")
@@ -134,23 +144,29 @@ def report(records: list[FileRecord], days: int, now: datetime | None = None) ->
     now = now or datetime.now(UTC)
     first_day = (now - timedelta(days=days - 1)).date().isoformat()
     rows: dict[tuple[str, str], Counter[str]] = {}
+    imported: Counter[tuple[str, str]] = Counter()
     for record in records:
         day = record.created_at[:10]
         if day < first_day:
             continue
         key = (day, record.import_type or "-")
         rows.setdefault(key, Counter())[outcome_of(record.state)] += 1
-    return [ReportRow(day, kind, counts) for (day, kind), counts in sorted(rows.items())]
+        if record.state == FileState.ARCHIVED and record.records_processed:
+            imported[key] += record.records_processed
+    return [ReportRow(day, kind, counts, imported[(day, kind)])
+            for (day, kind), counts in sorted(rows.items())]
 
 
 def report_lines(rows: list[ReportRow]) -> list[str]:
     outcomes = " ".join(f"{outcome.upper():>11}" for outcome in REPORT_OUTCOMES)
-    header = f"{'DAY':<10}  {'TYPE':<18} {'TOTAL':>6} {outcomes}"
+    records = any(row.records_processed for row in rows)  # the API route: records imported
+    header = f"{'DAY':<10}  {'TYPE':<18} {'TOTAL':>6} {outcomes}" + (f" {'RECORDS':>9}" if records else "")
     lines = [header]
     for row in rows:
         data = row.to_json()
         lines.append(f"{row.day:<10}  {escape_controls(row.import_type):<18} {data['total']:>6} "
-                     + " ".join(f"{data[o]:>11}" for o in REPORT_OUTCOMES))
+                     + " ".join(f"{data[o]:>11}" for o in REPORT_OUTCOMES)
+                     + (f" {row.records_processed:>9}" if records else ""))
     return lines
 
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, BinaryIO
 import paramiko
 from loguru import logger
 
-from agent.config import Config, RemoteResults, StatusMode
+from agent.config import Config, RemoteResults, StatusMode, Transport
 from agent.pipeline.notify import Notifier
 from agent.pipeline.upload import Uploader
 from agent.store.archive import SERVER_INFIX, Filer
@@ -77,7 +77,8 @@ class Lifecycle:
         self.journal = journal
         self.filer = filer
         self.notifier = Notifier(config.notify)
-        self.session = SftpSession(config.sftp)
+        # the status poll's own session (the SFTP route only; the API route follows its jobs itself)
+        self.session = SftpSession(config.sftp) if config.upload.transport == Transport.SFTP else None
         self.pool: SessionPool | None = None  # share_connections(): poll over the upload connections
         self._archive_lock = threading.Lock()  # the compress and retention jobs never overlap
         filer.on_failed = self._notify_failed
@@ -117,7 +118,8 @@ class Lifecycle:
 
     def stop(self, timeout: float) -> None:
         self._stopping.set()  # a poll in progress stops between two files
-        self.session.close()
+        if self.session is not None:
+            self.session.close()
         self.notifier.stop(timeout)
 
     # ------------------------------------------------------------------ status poll
@@ -129,7 +131,8 @@ class Lifecycle:
     def share_connections(self, pool: SessionPool) -> None:
         """Poll over the upload threads' connections (the poll's session joins the pool): a server
         that allows one connection per user is never asked for a second one by the poll."""
-        pool.add(self.session)
+        if self.session is not None:
+            pool.add(self.session)
         self.pool = pool
 
     def poll(self) -> None:
@@ -141,6 +144,8 @@ class Lifecycle:
         try:
             session = pool.acquire() if pool is not None else self.session
         except InterruptedError:  # stopping
+            return
+        if session is None:
             return
         try:
             self._poll(session, records)

@@ -4,13 +4,32 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
+from typing import Protocol
 
 from loguru import logger
 
+from agent.config import Config
 from agent.pipeline.upload import BATCH_FILE_MAX_BYTES, BATCH_MAX_BYTES, LOCAL_FAULT_PAUSE_SECONDS, Uploader
 from agent.store.journal import FileRecord, FileState, Journal
 from agent.transport.session_pool import SessionPool
 from agent.transport.sftp import SftpSession
+
+
+class Sender(Protocol):
+    """What the upload threads drive: `Uploader` (SFTP) or `ApiUploader` (agent/pipeline/api_upload.py)."""
+
+    config: Config
+    stop_requested: threading.Event
+    heartbeat: Callable[[], None]
+
+    def bind_session(self, session: SftpSession | None) -> None: ...
+
+    def process(self, record: FileRecord) -> FileRecord: ...
+
+    def process_batch(self, records: list[FileRecord]) -> list[FileRecord]: ...
+
+    def wait_for_connection_slot(self) -> float: ...
 
 
 class UploadWorker:
@@ -21,7 +40,7 @@ class UploadWorker:
     one thread at a time. Thread 1 uses the uploader's session; the others open their own.
     """
 
-    def __init__(self, uploader: Uploader, journal: Journal, concurrency: int = 1) -> None:
+    def __init__(self, uploader: Sender, journal: Journal, concurrency: int = 1) -> None:
         self.uploader = uploader
         self.journal = journal
         self.concurrency = max(1, concurrency)
@@ -35,12 +54,22 @@ class UploadWorker:
         self.busy = threading.Event()  # set while any thread holds a file
         self.heartbeat_interval: float | None = None  # wake at least this often to ping the watchdog
         self.preconnect = False  # `run --once`: one connection opens while intake checks the first files
-        config = uploader.config.sftp
-        self._sessions = SessionPool([uploader.session] + [SftpSession(config)
-                                                           for _ in range(self.concurrency - 1)],
-                                     config.connect_timeout)
-        # upload.batch_files; one at a time under sftp.bandwidth_limit (the batch path does not pace)
-        self.batch_files = 1 if uploader.config.sftp.bandwidth_limit else uploader.config.upload.batch_files
+        # the SFTP route's sessions; None on the API route (one HTTP client serves every thread)
+        self._sessions: SessionPool | None = None
+        self.batch_files = 1  # the API route sends one file at a time
+        if isinstance(uploader, Uploader):
+            config = uploader.config.sftp
+            self._sessions = SessionPool([uploader.session] + [SftpSession(config)
+                                                               for _ in range(self.concurrency - 1)],
+                                         config.connect_timeout)
+            # upload.batch_files; one at a time under sftp.bandwidth_limit (the batch path does not pace)
+            self.batch_files = 1 if config.bandwidth_limit else uploader.config.upload.batch_files
+
+    @property
+    def sessions(self) -> SessionPool:
+        """The SFTP route's session pool (the status poll shares it)."""
+        assert self._sessions is not None, "the API route has no SFTP sessions"
+        return self._sessions
 
     def wake(self) -> None:
         with self._cond:
@@ -54,7 +83,8 @@ class UploadWorker:
     def stop(self, timeout: float) -> bool:
         """Ask every upload thread to stop; True when all did within the timeout."""
         self.uploader.stop_requested.set()
-        self._sessions.close()  # the idle connections now; one in use when its thread gives it back
+        if self._sessions is not None:
+            self._sessions.close()  # the idle connections now; one in use when its thread gives it back
         self.wake()
         deadline = time.monotonic() + timeout
         for thread in self._threads:
@@ -105,7 +135,7 @@ class UploadWorker:
 
     def _run(self, index: int) -> None:
         try:
-            if index == 0 and self.preconnect:
+            if index == 0 and self.preconnect and self._sessions is not None:
                 self._sessions.connect_ahead()
             self._loop()
         finally:
@@ -126,7 +156,8 @@ class UploadWorker:
                 continue
             retry = False
             try:
-                session = self._sessions.acquire()  # a connected one first (see SessionPool)
+                # a connected one first (see SessionPool); the API route needs none
+                session = self._sessions.acquire() if self._sessions is not None else None
             except InterruptedError:  # stopping
                 self._release_all(batch)
                 break
@@ -142,13 +173,17 @@ class UploadWorker:
                 logger.exception("{} could not be processed; trying again in {:.0f} s",
                                  batch[0].label if len(batch) == 1 else f"a batch of {len(batch)} files",
                                  LOCAL_FAULT_PAUSE_SECONDS)
-                self._sessions.release(session)
+                self._give_back(session)
                 self._release_all(batch)
                 with self._cond:
                     seen = self._generation  # the pause is not cut short by wake-ups during the attempt
                 self._wait(seen, LOCAL_FAULT_PAUSE_SECONDS)
                 continue
-            self._sessions.release(session)
+            self._give_back(session)
             self._release_all(batch)
             if retry and self.concurrency > 1:
                 self.wake()  # its new due time: threads that were waiting without it look again
+
+    def _give_back(self, session: SftpSession | None) -> None:
+        if self._sessions is not None and session is not None:
+            self._sessions.release(session)

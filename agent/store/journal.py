@@ -82,6 +82,9 @@ class FileState(StrEnum):
     PROCESSING = "processing"  # a status file says the import job is running
     COMPLETED = "completed"  # the server said the job completed; being archived
     STALE = "stale"  # final: no verdict within status.timeout of the upload; local copy in failed/
+    # the API route (upload.transport = "api", agent/pipeline/api_upload.py): createJob was (maybe)
+    # sent and its answer is not recorded yet; found so after a crash, the file waits for the operator
+    STARTING = "starting"
 
 
 FINAL_STATES = frozenset({FileState.ARCHIVED, FileState.FAILED, FileState.SPLIT, FileState.STALE})
@@ -107,7 +110,10 @@ CREATE TABLE IF NOT EXISTS files (
     created_at TEXT NOT NULL,
     updated_at TEXT NOT NULL,
     force_resend INTEGER NOT NULL DEFAULT 0,
-    adopted INTEGER NOT NULL DEFAULT 0
+    adopted INTEGER NOT NULL DEFAULT 0,
+    api_file_ref TEXT,
+    api_job_id TEXT,
+    records_processed INTEGER
 );
 CREATE INDEX IF NOT EXISTS files_state ON files (state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS files_state_id ON files (state, id);  -- next_sendable: oldest first, O(log n)
@@ -125,7 +131,7 @@ CREATE INDEX IF NOT EXISTS events_file ON events (file_id);
 _COLUMNS = (
     "id", "name", "source_path", "local_path", "pending_path", "pending_state", "size", "sha256",
     "import_type", "remote_name", "state", "attempts", "error", "next_attempt_at", "created_at",
-    "updated_at", "force_resend", "adopted",
+    "updated_at", "force_resend", "adopted", "api_file_ref", "api_job_id", "records_processed",
 )
 _UPDATABLE = frozenset(_COLUMNS) - {"id", "created_at", "updated_at"}
 _STATE_INDEX = _COLUMNS.index("state")
@@ -167,6 +173,9 @@ class FileRecord:
     updated_at: str
     force_resend: int  # 1: the operator asked to send it even if the same content went recently
     adopted: int = 0  # 1: found in spool/ with no row (journal lost or damaged) and taken up again
+    api_file_ref: str | None = None  # the API route: the upload's fileRef, committed before validation
+    api_job_id: str | None = None  # the API route: the import job, committed as soon as createJob answers
+    records_processed: int | None = None  # the API route: the job's recordsProcessed
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> FileRecord:
@@ -198,6 +207,9 @@ class FileRecord:
             "created_at": self.created_at,
             "updated_at": self.updated_at,
             "adopted": bool(self.adopted),
+            "file_ref": self.api_file_ref,
+            "job_id": self.api_job_id,
+            "records_processed": self.records_processed,
         }
 
 
@@ -248,6 +260,10 @@ class Journal:
             self._db.execute("ALTER TABLE files ADD COLUMN force_resend INTEGER NOT NULL DEFAULT 0")
         if "adopted" not in present:
             self._db.execute("ALTER TABLE files ADD COLUMN adopted INTEGER NOT NULL DEFAULT 0")
+        api_columns = (("api_file_ref", "TEXT"), ("api_job_id", "TEXT"), ("records_processed", "INTEGER"))
+        for column, kind in api_columns:
+            if column not in present:  # the API route's columns (journals of earlier versions lack them)
+                self._db.execute(f"ALTER TABLE files ADD COLUMN {column} {kind}")
         indexed = self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'files_remote_name'").fetchone()
         if indexed is None:
             # No two rows share a remote name. Rows of older versions that did are left as history:

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from agent.config import Config
+from agent.config import Config, Transport
 from agent.store.adopt import reconcile_spool
 from agent.store.fsutil import durable_move, durable_writer, ensure_dir
 from agent.store.journal import FileState, Journal, JournalError
@@ -119,6 +119,8 @@ def rebuild(config: Config) -> list[str]:
     journal = Journal(path)
     try:
         _distrust_unsent(journal)
+        if config.upload.transport == Transport.API:
+            _distrust_unstarted_jobs(journal)
         adopted = reconcile_spool(config, journal)
     finally:
         journal.close()
@@ -139,6 +141,16 @@ def _distrust_unsent(journal: Journal) -> None:
                            for r in rows if r.state == FileState.CLAIMED]
     journal.update_many(look, fetch=False)
     journal.update_many(again, fetch=False)
+
+
+def _distrust_unstarted_jobs(journal: Journal) -> None:
+    """The API route: a row restored from a backup without a job id may have got one since (the
+    backup is older), and there is no way to ask SaaSquatch: such rows are marked like adopted
+    files, which the API route never sends without the operator (`retry`)."""
+    waiting = (FileState.QUEUED, FileState.UPLOADING, FileState.UPLOADED)
+    journal.update_many([(r.id, "restored from a backup: unknown whether an import job was started since",
+                          {"adopted": 1}) for r in journal.unfinished()
+                         if r.state in waiting and r.api_job_id is None], fetch=False)
 
 
 __all__ = ["JournalError", "check", "integrity", "rebuild"]
