@@ -238,8 +238,9 @@ def keygen(path: Path) -> None:
 def demo(keep: bool) -> None:
     """Run the whole flow against a local sandbox SFTP server (no credentials needed)."""
     from agent.ops.demo import run_demo
+    from agent.service import Agent
 
-    sys.exit(run_demo(keep=keep))
+    sys.exit(run_demo(lambda config: Agent(config).run_once(), keep=keep))
 
 
 @main.command("trust-host")

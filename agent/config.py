@@ -17,6 +17,9 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from agent.imports.namerules import check_distinct, check_folder, check_prefix
+from agent.imports.types import MAX_FILE_BYTES, MAX_RECORDS
+from agent.imports.types import ImportType as ImportType  # its home is the import rules; kept here too
+from agent.imports.types import OversizePolicy as OversizePolicy
 
 DEFAULT_CONFIG_PATH = Path("/etc/saasquatch-agent/agent.toml")
 CONFIG_ENV_VAR = "SAASQUATCH_AGENT_CONFIG"
@@ -112,13 +115,6 @@ class RetryConfig(_Section):
     once_max_attempts: Annotated[int, Field(ge=1)] = 3
 
 
-class ImportType(StrEnum):
-    USERS = "users"
-    USER_EVENTS = "user_events"
-    DELETE_USERS = "delete_users"
-    REWARD_REDEMPTIONS = "reward_redemptions"
-
-
 class PerTypeNames(_Section):
     users: Annotated[str, Field(min_length=1)]
     user_events: Annotated[str, Field(min_length=1)]
@@ -138,11 +134,6 @@ class PerTypeNames(_Section):
                 raise ValueError(f"{key}: {exc}") from None
         check_distinct(pairs, what)
         return self
-
-
-class OversizePolicy(StrEnum):
-    SPLIT = "split"
-    REFUSE = "refuse"
 
 
 class ImportsConfig(_Section):
@@ -169,8 +160,8 @@ class ImportsConfig(_Section):
     def _safe_distinct_folders(cls, value: PerTypeNames) -> PerTypeNames:
         return value.check_each(check_folder, "folder")
 
-    max_file_bytes: Annotated[int, Field(gt=0)] = 100 * 1024 * 1024
-    max_records: Annotated[int, Field(gt=0)] = 500_000
+    max_file_bytes: Annotated[int, Field(gt=0)] = MAX_FILE_BYTES
+    max_records: Annotated[int, Field(gt=0)] = MAX_RECORDS
     oversize: OversizePolicy = OversizePolicy.SPLIT
     deletion_guard: bool = True
     # a file whose content and type were already sent within this many days is refused; 0 = off

@@ -7,7 +7,6 @@ the publish protocol (agent.transport.publish); the sandbox and the paramiko ser
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import socket
@@ -64,8 +63,8 @@ def send(uploader: Uploader, record: FileRecord, remote: str) -> paramiko.SFTPCl
     """The publish protocol's open, write and close steps for one file (agent.transport.publish)."""
     sftp = uploader.session.client()
     data = Path(record.source_path).read_bytes()
-    record = dataclasses.replace(record, size=len(data), sha256=hashlib.sha256(data).hexdigest())
-    upload = publish.Upload(record, record.source_path, remote, remote + ".final")
+    upload = publish.Upload(record.id, len(data), hashlib.sha256(data).hexdigest(), record.source_path,
+                            remote, remote + ".final")
     pacer = publish.Pacer(lambda: False, lambda: None, 0, lambda _seconds: None)
     publish.open_all(sftp, [upload])
     publish.write_all(sftp, [upload], uploader.session.write_request_size(sftp), pacer)

@@ -14,12 +14,11 @@ import stat
 from pathlib import Path
 from typing import BinaryIO, cast
 
-from agent.config import ImportsConfig, ImportType
 from agent.imports.csvcheck import check_csv
 from agent.imports.hashing import HashingReader, HashObject
 from agent.imports.jsonlcheck import check_jsonl
 from agent.imports.report import MAX_KEPT_ERRORS, ErrorSink, RecordError, ValidationReport
-from agent.imports.types import FileFormat, Refusal, file_format
+from agent.imports.types import DefaultLimits, FileFormat, ImportType, Limits, Refusal, file_format
 
 SNIFF_BYTES = 64 * 1024
 
@@ -89,7 +88,7 @@ def sniff_problem(head: bytes, size: int) -> str | None:
 def validate_file(
     path: str | os.PathLike[str],
     import_type: ImportType,
-    cfg: ImportsConfig | None = None,
+    cfg: Limits | None = None,
     *,
     fmt: FileFormat | None = None,
     follow_symlinks: bool = False,
@@ -104,7 +103,7 @@ def validate_file(
     Reads the file once, in constant memory. Never raises for bad content: every problem becomes a
     RecordError in the report. Raises OSError only for I/O trouble other than the refusals above.
     """
-    cfg = cfg or ImportsConfig()
+    cfg = cfg or DefaultLimits()
     sink = ErrorSink(max_errors)
     size = 0
     records = 0

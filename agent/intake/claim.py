@@ -246,7 +246,7 @@ class Intake:
         limits = self.config.imports
         try:
             parts = split_file(record.local_path, fmt, limits.max_file_bytes, limits.max_records, staging,
-                               name=record.name)
+                               move=durable_moves, name=record.name)
         except SplitError as exc:
             shutil.rmtree(staging, ignore_errors=True)
             return self.filer.quarantine(

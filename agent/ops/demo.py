@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 
-from agent.config import load_config
+from agent.config import Config, load_config
 from agent.logs import setup_logging
 from agent.ops.keys import write_new_keypair
 from agent.store.journal import FileState, Journal
@@ -32,9 +33,10 @@ SAMPLES = {
 }
 
 
-def run_demo(keep: bool = False) -> int:
+def run_demo(run_once: Callable[[Config], object], keep: bool = False) -> int:
+    """The sample files through `run_once` (the agent's `run --once`, passed in by the CLI: the
+    operator commands sit below the service) against a sandbox server; 0 when all went as expected."""
     from agent.ops.sandbox import SandboxServer  # needs the optional `demo` extra
-    from agent.service import Agent
 
     root = Path(tempfile.mkdtemp(prefix="saasquatch-agent-demo-"))
     try:
@@ -59,7 +61,7 @@ def run_demo(keep: bool = False) -> int:
             for name, text in SAMPLES.items():
                 (config.paths.drop / name).write_text(text)
             click.echo(f"sandbox SFTP server on {server.host}:{server.port}, files under {root}")
-            Agent(config).run_once()
+            run_once(config)
         finally:
             server.stop()
         return _report(config.journal_path, server_root=root / "sftp-server")

@@ -182,11 +182,11 @@ class Uploader:
         """The publish protocol for these files (transport.publish), each step for all of them at once."""
         sftp = self._client()
         started = time.monotonic()
-        uploads = [publish.Upload(record, record.local_path, self.temp_path(record), self.final_path(record))
-                   for record in records]
-        self.journal.update_many([(upload.record.id, f"sending to {upload.final}",
-                                   {"state": FileState.UPLOADING}) for upload in uploads
-                                  if upload.record.state != FileState.UPLOADING], fetch=False)
+        uploads = [self._upload(record) for record in records]
+        rows = {record.id: record for record in records}
+        self.journal.update_many([(record.id, f"sending to {self.final_path(record)}",
+                                   {"state": FileState.UPLOADING}) for record in records
+                                  if record.state != FileState.UPLOADING], fetch=False)
         pacer = publish.Pacer(self.stop_requested.is_set, self.heartbeat, self.config.sftp.bandwidth_limit,
                               self.stop_requested.wait)
         publish.open_all(sftp, uploads)
@@ -196,7 +196,7 @@ class Uploader:
         self.heartbeat()
         self._check_stop()
         complete = [upload for upload in uploads if upload.complete]
-        self.journal.update_many([(upload.record.id, f"renaming to {upload.final}",
+        self.journal.update_many([(upload.file_id, f"renaming to {upload.final}",
                                    {"state": FileState.PUBLISHING}) for upload in complete], fetch=False)
         published = []
         for upload, error in zip(complete, sftp_batch.renames(sftp, [(u.temp, u.final) for u in complete]),
@@ -207,17 +207,23 @@ class Uploader:
                 upload.error, upload.step = error, "rename"
         elapsed = time.monotonic() - started
         for upload in published:
-            record = upload.record
+            record = rows[upload.file_id]
             logger.bind(file_id=record.id, file=record.name).info(
                 "{} uploaded as {} ({} bytes in {:.2f} s{})", record.label, upload.final, record.size,
                 elapsed, f", {len(uploads)} sent together" if len(uploads) > 1 else "")
             if self.on_published is not None:  # metrics: each file's share of the batch's time
                 self.on_published(record, elapsed / len(published))
-        self._finish([(upload.record, f"published as {upload.final}") for upload in published], results)
+        self._finish([(rows[upload.file_id], f"published as {upload.final}") for upload in published],
+                     results)
         for upload in uploads:
-            if upload.record.id not in results:
-                with logger.contextualize(file_id=upload.record.id, file=upload.record.name):
-                    results[upload.record.id] = self._not_published(sftp, upload)
+            if upload.file_id not in results:
+                with logger.contextualize(file_id=upload.file_id, file=rows[upload.file_id].name):
+                    results[upload.file_id] = self._not_published(sftp, upload)
+
+    def _upload(self, record: FileRecord) -> publish.Upload:
+        """The protocol's view of a row: its id, the checked size and SHA-256, the local and remote paths."""
+        return publish.Upload(record.id, int(record.size or 0), str(record.sha256), record.local_path,
+                              self.temp_path(record), self.final_path(record))
 
     def _finish(self, published: list[tuple[FileRecord, str]], results: dict[int, FileRecord]) -> None:
         """Record files as uploaded; with no status tracking, together with the archive intent (one
@@ -242,7 +248,7 @@ class Uploader:
 
     def _not_published(self, sftp: paramiko.SFTPClient, upload: publish.Upload) -> FileRecord:
         """What happens to a file the protocol did not publish: checked again, refused, or retried."""
-        record = self.journal.get(upload.record.id)
+        record = self.journal.get(upload.file_id)
         if upload.changed is not None:
             return self._changed(record, upload.changed)
         if upload.unreadable is not None:
