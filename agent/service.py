@@ -16,7 +16,8 @@ from typing import IO, TYPE_CHECKING
 from loguru import logger
 
 from agent.config import Config, ConfigError, load_config
-from agent.intake.claim import NOTICE_LIMIT, Intake, SettleQueue
+from agent.intake.claim import Intake
+from agent.intake.settle import NOTICE_LIMIT, SettleQueue
 from agent.intake.watch import DropScanner, DropWatcher
 from agent.logs import setup_logging
 from agent.pipeline.lifecycle import TRACKED_STATES, Lifecycle
