@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from agent.errors import EXIT_USAGE, AgentError
 from agent.imports.namerules import check_distinct, check_folder, check_prefix
 from agent.imports.types import MAX_FILE_BYTES, MAX_RECORDS
 from agent.imports.types import ImportType as ImportType  # its home is the import rules; kept here too
@@ -25,8 +26,10 @@ DEFAULT_CONFIG_PATH = Path("/etc/saasquatch-agent/agent.toml")
 CONFIG_ENV_VAR = "SAASQUATCH_AGENT_CONFIG"
 
 
-class ConfigError(Exception):
+class ConfigError(AgentError):
     """A configuration problem; the message is one line meant for the operator."""
+
+    exit_code = EXIT_USAGE
 
 
 class _Section(BaseModel):

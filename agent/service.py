@@ -16,6 +16,7 @@ from typing import IO, TYPE_CHECKING
 from loguru import logger
 
 from agent.config import Config, ConfigError, load_config
+from agent.errors import AgentError
 from agent.intake.claim import Intake
 from agent.intake.settle import NOTICE_LIMIT, SettleQueue
 from agent.intake.watch import DropScanner, DropWatcher
@@ -28,7 +29,7 @@ from agent.store.archive import Filer
 from agent.store.fsutil import ensure_dir
 from agent.store.journal import ACTIVE_STATES, FileRecord, FileState, Journal
 from agent.systemd import Notifier
-from agent.transport.sftp import SftpSession
+from agent.transport.sftp import PrivateKeyError, SftpSession, load_private_key, private_key_path
 
 if TYPE_CHECKING:
     from apscheduler.schedulers.background import BackgroundScheduler
@@ -39,8 +40,14 @@ if TYPE_CHECKING:
 ONCE_POLL_SECONDS = 0.02  # `run --once` looks this often whether everything is done (one COUNT query)
 
 
-class AlreadyRunning(Exception):
-    pass
+class AlreadyRunning(AgentError):
+    """Another agent holds the state_dir's lock."""
+
+
+class StartError(AgentError):
+    """The agent cannot start (its key, its folders); said in the log, like the daemon's lines."""
+
+    in_log = True
 
 
 class Agent:
@@ -209,6 +216,16 @@ def take_lock(path: Path) -> IO[str]:
             f"another saasquatch-agent is already running with state_dir {path.parent}"
         ) from None
     return handle
+
+
+def run_agent(config: Config, *, once: bool) -> int:
+    """`saasquatch-agent run`: one pass (`--once`: 0 when every file ended archived) or the daemon.
+    An unusable key stops it before anything is touched (files stay queued): StartError."""
+    try:
+        load_private_key(private_key_path(config.sftp))
+        return Agent(config).run_once() if once else run_daemon(config)
+    except (PrivateKeyError, OSError) as exc:
+        raise StartError(f"cannot start: {exc}") from exc
 
 
 def run_daemon(config: Config) -> int:

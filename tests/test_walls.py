@@ -18,7 +18,8 @@ FORBIDDEN: dict[str, set[str]] = {
 }
 # rooms that may import nothing of agent/ but themselves and these
 ONLY: dict[str, set[str]] = {
-    "imports": set(),  # the pure import rules: no configuration, no journal, no transport
+    "imports": {"errors"},  # the pure import rules: no configuration, no journal, no transport
+    "errors": set(),  # the error family (agent/errors.py): a leaf every room may use
 }
 
 

@@ -19,6 +19,7 @@ from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
+from agent.errors import AgentError
 from agent.imports.types import FileFormat
 
 _BOM = b"\xef\xbb\xbf"
@@ -28,7 +29,7 @@ MoveAll = Callable[[Sequence[tuple[Path, Path]]], Sequence[OSError | None]]
 _MAX_STEM_BYTES = 150
 
 
-class SplitError(Exception):
+class SplitError(AgentError):
     """The file cannot be split within the limits (e.g. one record alone is too large)."""
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import Config
+from agent.errors import AgentError
 from agent.imports.naming import remote_name
 from agent.imports.types import ImportType
 from agent.logs import escape_controls
@@ -28,7 +29,7 @@ _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 RETRYABLE = (FileState.FAILED, FileState.STALE)
 
 
-class OpsError(Exception):
+class OpsError(AgentError):
     """An operator request that cannot be done; the message says why and what to do."""
 
 

@@ -24,13 +24,14 @@ import paramiko
 from loguru import logger
 
 from agent.config import Config, ImportType
+from agent.errors import AgentError, Fault, classify
 from agent.imports.naming import readable_stem
 from agent.store.adopt import find_published
 from agent.store.archive import Filer
 from agent.store.journal import FINAL_STATES, FileRecord, FileState, Journal
 from agent.transport import pipelining as sftp_batch
 from agent.transport import publish
-from agent.transport.sftp import ConnectError, PrivateKeyError, SftpSession, remote_size
+from agent.transport.sftp import SftpSession, remote_size
 
 LOCAL_FAULT_PAUSE_SECONDS = 5.0
 BATCH_FILE_MAX_BYTES = 256 * 1024  # files up to this size are sent together (upload.batch_files)
@@ -38,12 +39,14 @@ BATCH_MAX_BYTES = 4 * 1024 * 1024  # bytes of one batch in flight at most
 TEMP_STEM_CHARS = 60  # of the readable stem in a temporary name ({stem})
 
 
-class PermanentUploadError(Exception):
+class PermanentUploadError(AgentError):
     """Retrying cannot fix this; the file goes to failed/ with this message."""
 
 
-class TransientUploadError(Exception):
+class TransientUploadError(AgentError):
     """The server did not take this file this time (its words in the message); sent again later."""
+
+    retryable = True
 
 
 def legacy_temporary_name(remote_name: str) -> str:
@@ -332,27 +335,25 @@ class Uploader:
         return None
 
     def _client(self) -> paramiko.SFTPClient:
-        try:
-            return self.session.client()
-        except PrivateKeyError as exc:
-            raise ConnectError(str(exc)) from None
+        return self.session.client()
 
     def _fault(self, record: FileRecord, exc: BaseException) -> FileRecord:
-        """A refusal goes to failed/; anything else is retried later."""
-        if isinstance(exc, PermanentUploadError):
+        """A refusal goes to failed/; anything else is retried later (agent.errors.classify)."""
+        fault = classify(exc)
+        if fault is Fault.REFUSE:
             return self.filer.quarantine(self.journal.get(record.id), str(exc))
-        return self._retry_later(record, exc)
+        return self._retry_later(record, exc, fault)
 
-    def _retry_later(self, record: FileRecord, exc: BaseException) -> FileRecord:
-        if not isinstance(exc, (ConnectError, TransientUploadError)):
+    def _retry_later(self, record: FileRecord, exc: BaseException, fault: Fault) -> FileRecord:
+        if fault in (Fault.RESET, Fault.STOPPING):
             self.session.drop()  # the connection may be in any state after a fault mid-operation
-        reason = _describe_fault(exc)
+        reason = _describe_fault(exc, fault)
         attempts = record.attempts + 1
         delay = backoff_delay(attempts, self.config.retry.initial_delay_seconds,
                               self.config.retry.max_delay_seconds)
-        if isinstance(exc, ConnectError):
+        if fault is Fault.CONNECTION:
             self._connection_retry_at = time.time() + delay
-        if isinstance(exc, InterruptedError):
+        if fault is Fault.STOPPING:
             delay = 0.0
         logger.warning("{} not uploaded (attempt {}): {}; retrying in {:.1f} s", record.label, attempts,
                        reason, delay)
@@ -376,8 +377,8 @@ def _unchanged(record: FileRecord) -> FileRecord:
     return record
 
 
-def _describe_fault(exc: BaseException) -> str:
-    if isinstance(exc, (ConnectError, InterruptedError, TransientUploadError)):
+def _describe_fault(exc: BaseException, fault: Fault) -> str:
+    if fault is not Fault.RESET:  # the agent's own words (or the stop's)
         return str(exc)
     if isinstance(exc, OSError) and exc.strerror:
         return f"{exc.strerror} ({type(exc).__name__})"

@@ -20,6 +20,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from agent.errors import AgentError
+
 SPOOL_NAME_BYTES = 120  # the original-name part of a spool name, at most (UTF-8)
 _SPOOL_NAME = re.compile(r"([0-9]{8,})(?:_(.*))?", re.DOTALL)
 
@@ -47,7 +49,7 @@ def parse_spool_name(file_name: str) -> tuple[int, str] | None:
     return int(found[1]), found[2] if found[2] else file_name
 
 
-class JournalError(Exception):
+class JournalError(AgentError):
     """The journal cannot be opened or read (damaged, not a database); the message is one line
     that says what to do."""
 
