@@ -38,17 +38,18 @@ def subfolder_of(source_path: Path, drop: Path) -> str | None:
 
 
 class Intake:
-    """Claims and checks files; `on_queued` is told when a file is ready to send."""
+    """Claims and checks files; `on_queued` is told when a file is ready to send, `on_changed` of a
+    file that changed while it was checked (it waits to be stable, then is checked again)."""
 
     def __init__(self, config: Config, journal: Journal, filer: Filer, scanner: DropScanner,
-                 on_queued: Callable[[], None]) -> None:
+                 on_queued: Callable[[], None],
+                 on_changed: Callable[[FileRecord], None] = lambda _record: None) -> None:
         self.config = config
         self.journal = journal
         self.filer = filer
         self.scanner = scanner
         self.on_queued = on_queued
-        # a file that changed while it was checked waits to be stable, then is checked again
-        self.on_changed: Callable[[FileRecord], None] = lambda _record: None
+        self._on_changed = on_changed
 
     def claim_many(self, candidates: list[Candidate]) -> None:
         """Claim settled files as one batch: one commit for every row, then the renames, then one
@@ -165,7 +166,7 @@ class Intake:
         if (after.st_size, after.st_mtime_ns, size) != (before.st_size, before.st_mtime_ns, after.st_size):
             logger.warning("{} changed while it was being checked; checking it again once it is stable",
                            record.label)
-            self.on_changed(record)
+            self._on_changed(record)
             return record
         checked: dict[str, Any] = {"size": size, "sha256": digest, "import_type": verdict.import_type}
         if verdict.refusal is not None:

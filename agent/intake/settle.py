@@ -48,7 +48,8 @@ class SettleQueue:
     """
 
     def __init__(self, settle_seconds: float, claim_many: Callable[[list[Candidate]], object],
-                 check_again: Callable[[list[int]], object] | None = None) -> None:
+                 check_again: Callable[[list[int]], object] | None = None, *,
+                 refill: Callable[[], None] | None = None) -> None:
         self.settle_seconds = settle_seconds
         self._claim_many = claim_many  # settled files claimed CLAIM_BATCH at a time (one commit)
         self._check_again = check_again  # claimed files that changed, now stable: checked again
@@ -57,10 +58,10 @@ class SettleQueue:
         self._stopping = False
         self._claiming = False
         self._thread = threading.Thread(target=self._run, name="intake", daemon=True)
-        # a rescan that stopped at NOTICE_LIMIT sets this; once everything noticed is claimed, intake
-        # calls it for the next part of drop/ (memory stays flat with a backlog of any size)
+        # a rescan that stopped at NOTICE_LIMIT sets more_in_drop; once everything noticed is claimed,
+        # intake calls refill (the rescan) for the next part of drop/ (memory stays flat with any backlog)
         self.more_in_drop = False
-        self.refill: Callable[[], None] | None = None
+        self._refill = refill
 
     def pending_count(self) -> int:
         with self._cond:
@@ -185,7 +186,7 @@ class SettleQueue:
                                   f"take {len(batch)} file(s) starting with {batch[0][0]}; they stay in"
                                   " drop/ and are tried again at the next rescan")
                 # still "claiming": `run --once` never sees intake idle between two parts of drop/
-                refill = self.refill if self.more_in_drop and not self.pending_count() else None
+                refill = self._refill if self.more_in_drop and not self.pending_count() else None
                 refilled = refill is not None
                 if refill is not None:
                     refill()

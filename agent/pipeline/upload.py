@@ -60,8 +60,40 @@ def backoff_delay(attempts: int, initial: float, cap: float) -> float:
     return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
+def _no_heartbeat() -> None:
+    return None
+
+
+def _ignore(_record: FileRecord) -> None:
+    return None
+
+
+def _ignore_timing(_record: FileRecord, _seconds: float) -> None:
+    return None
+
+
+def _unchanged(record: FileRecord) -> FileRecord:
+    return record
+
+
 class Uploader:
-    def __init__(self, config: Config, journal: Journal, filer: Filer, session: SftpSession) -> None:
+    """Publishes files; what follows a published file comes in as hooks (wired in agent.service).
+
+    `after_upload`: what follows a verified upload (default: archive it), e.g. leave it to the
+    status job (agent.pipeline.lifecycle). `archive_on_publish`: with no status tracking, "uploaded"
+    and the archive intent are one commit and the files are filed together; `after_archive` then
+    runs per file (compress). `on_changed`: a file whose bytes changed after the check (intake
+    checks it again once it is stable). `on_published`: each file's upload seconds (metrics).
+    `heartbeat`: the systemd watchdog ping, called while progress is made.
+    """
+
+    def __init__(self, config: Config, journal: Journal, filer: Filer, session: SftpSession, *,
+                 after_upload: Callable[[FileRecord], FileRecord] | None = None,
+                 archive_on_publish: bool = True,
+                 after_archive: Callable[[FileRecord], FileRecord] = _unchanged,
+                 on_changed: Callable[[FileRecord], None] = _ignore,
+                 on_published: Callable[[FileRecord, float], None] = _ignore_timing,
+                 heartbeat: Callable[[], None] = _no_heartbeat) -> None:
         self.config = config
         self.journal = journal
         self.filer = filer
@@ -69,16 +101,12 @@ class Uploader:
         self._local = threading.local()  # upload.concurrency: each worker thread binds its own session
         self.stop_requested = threading.Event()
         self._connection_retry_at = 0.0
-        self.heartbeat: Callable[[], None] = _no_heartbeat  # systemd watchdog ping: progress is made
-        # what follows a verified upload: archive now, or leave it to the status job (pipeline.lifecycle)
-        self.after_upload: Callable[[FileRecord], FileRecord] = filer.archive
-        self.on_published: Callable[[FileRecord, float], None] | None = None  # metrics: upload seconds
-        # with no status tracking, "uploaded" and the archive intent are one commit and the files are
-        # filed together; after_archive then runs per file (compress)
-        self.archive_on_publish = True
-        self.after_archive: Callable[[FileRecord], FileRecord] = _unchanged
-        # a file whose bytes changed after the check: intake checks it again once it is stable
-        self.on_changed: Callable[[FileRecord], None] = _ignore
+        self.heartbeat = heartbeat
+        self._after_upload = after_upload or filer.archive
+        self._archive_on_publish = archive_on_publish
+        self._after_archive = after_archive
+        self._on_changed = on_changed
+        self._on_published = on_published
 
     @property
     def session(self) -> SftpSession:
@@ -139,7 +167,7 @@ class Uploader:
         for record in records:
             with logger.contextualize(file_id=record.id, file=record.name):
                 if record.state == FileState.UPLOADED:
-                    results[record.id] = self.after_upload(record)
+                    results[record.id] = self._after_upload(record)
                     continue
                 if record.state not in (FileState.UPLOADING, FileState.PUBLISHING):
                     earlier = self._published_before(listing, record) if listing is not None else None
@@ -214,8 +242,7 @@ class Uploader:
             logger.bind(file_id=record.id, file=record.name).info(
                 "{} uploaded as {} ({} bytes in {:.2f} s{})", record.label, upload.final, record.size,
                 elapsed, f", {len(uploads)} sent together" if len(uploads) > 1 else "")
-            if self.on_published is not None:  # metrics: each file's share of the batch's time
-                self.on_published(record, elapsed / len(published))
+            self._on_published(record, elapsed / len(published))  # each file's share of the batch's time
         self._finish([(rows[upload.file_id], f"published as {upload.final}") for upload in published],
                      results)
         for upload in uploads:
@@ -234,11 +261,11 @@ class Uploader:
         if not published:
             return
         done: dict[str, Any] = {"state": FileState.UPLOADED, "error": None}
-        if not self.archive_on_publish:
+        if not self._archive_on_publish:
             for record in self.journal.update_many([(record.id, message, done)
                                                     for record, message in published]):
                 with logger.contextualize(file_id=record.id, file=record.name):
-                    results[record.id] = self.after_upload(record)
+                    results[record.id] = self._after_upload(record)
             return
         batch = self.journal.update_many([
             (record.id, message, {**done, "pending_path": self.filer.archive_destination(record),
@@ -247,7 +274,7 @@ class Uploader:
             logger.bind(file_id=record.id, file=record.name).info(
                 "{} archived to {}", record.label, record.local_path)
             with logger.contextualize(file_id=record.id, file=record.name):
-                results[record.id] = self.after_archive(record)
+                results[record.id] = self._after_archive(record)
 
     def _not_published(self, sftp: paramiko.SFTPClient, upload: publish.Upload) -> FileRecord:
         """What happens to a file the protocol did not publish: checked again, refused, or retried."""
@@ -291,7 +318,7 @@ class Uploader:
         record = self.journal.update(
             record.id, state=FileState.CLAIMED, error=None, next_attempt_at=None,
             message=f"changed after it was taken ({why}); checking it again")
-        self.on_changed(record)
+        self._on_changed(record)
         return record
 
     def _check_stop(self) -> None:
@@ -363,18 +390,6 @@ class Uploader:
     def wait_for_connection_slot(self) -> float:
         """Seconds to hold off every file after a connection fault, so N files make one attempt."""
         return max(0.0, self._connection_retry_at - time.time())
-
-
-def _no_heartbeat() -> None:
-    return None
-
-
-def _ignore(_record: FileRecord) -> None:
-    return None
-
-
-def _unchanged(record: FileRecord) -> FileRecord:
-    return record
 
 
 def _describe_fault(exc: BaseException, fault: Fault) -> str:

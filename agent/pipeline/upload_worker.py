@@ -7,6 +7,7 @@ import time
 
 from loguru import logger
 
+from agent.config import SftpConfig
 from agent.pipeline.upload import BATCH_FILE_MAX_BYTES, BATCH_MAX_BYTES, LOCAL_FAULT_PAUSE_SECONDS, Uploader
 from agent.store.journal import FileRecord, FileState, Journal
 from agent.transport.session_pool import SessionPool
@@ -18,10 +19,13 @@ class UploadWorker:
 
     Each thread takes the oldest due file that no other thread holds: `_take` asks the journal with
     the held ids excluded and adds the answer to them under one lock, so a file is handed to exactly
-    one thread at a time. Thread 1 uses the uploader's session; the others open their own.
+    one thread at a time. Each borrows a session from `sessions` per file or batch (default: the
+    uploader's session and `concurrency - 1` more). `heartbeat_interval`: wake at least this often
+    to ping the systemd watchdog (None: no watchdog).
     """
 
-    def __init__(self, uploader: Uploader, journal: Journal, concurrency: int = 1) -> None:
+    def __init__(self, uploader: Uploader, journal: Journal, concurrency: int = 1, *,
+                 sessions: SessionPool | None = None, heartbeat_interval: float | None = None) -> None:
         self.uploader = uploader
         self.journal = journal
         self.concurrency = max(1, concurrency)
@@ -33,12 +37,10 @@ class UploadWorker:
                                           name="upload" if index == 0 else f"upload-{index + 1}")
                          for index in range(self.concurrency)]
         self.busy = threading.Event()  # set while any thread holds a file
-        self.heartbeat_interval: float | None = None  # wake at least this often to ping the watchdog
-        self.preconnect = False  # `run --once`: one connection opens while intake checks the first files
-        config = uploader.config.sftp
-        self._sessions = SessionPool([uploader.session] + [SftpSession(config)
-                                                           for _ in range(self.concurrency - 1)],
-                                     config.connect_timeout)
+        self._heartbeat_interval = heartbeat_interval
+        self._preconnect = False
+        self._sessions = sessions or upload_sessions(uploader.session, uploader.config.sftp,
+                                                     self.concurrency)
         # upload.batch_files; one at a time under sftp.bandwidth_limit (the batch path does not pace)
         self.batch_files = 1 if uploader.config.sftp.bandwidth_limit else uploader.config.upload.batch_files
 
@@ -47,7 +49,15 @@ class UploadWorker:
             self._generation += 1
             self._cond.notify_all()
 
-    def start(self) -> None:
+    @property
+    def sessions(self) -> SessionPool:
+        """The upload threads' SFTP sessions (the status poll borrows them too)."""
+        return self._sessions
+
+    def start(self, *, preconnect: bool = False) -> None:
+        """Start the threads; `preconnect` (`run --once` with work in sight): one connection opens
+        while intake checks the first files."""
+        self._preconnect = preconnect
         for thread in self._threads:
             thread.start()
 
@@ -63,7 +73,7 @@ class UploadWorker:
 
     def _wait(self, seen: int, timeout: float | None) -> None:
         """Sleep until `wake()` (unless one came since `seen` was read) or the timeout."""
-        interval = self.heartbeat_interval
+        interval = self._heartbeat_interval
         if interval is not None:
             timeout = interval if timeout is None else min(timeout, interval)
         with self._cond:
@@ -105,7 +115,7 @@ class UploadWorker:
 
     def _run(self, index: int) -> None:
         try:
-            if index == 0 and self.preconnect:
+            if index == 0 and self._preconnect:
                 self._sessions.connect_ahead()
             self._loop()
         finally:
@@ -152,3 +162,9 @@ class UploadWorker:
             self._release_all(batch)
             if retry and self.concurrency > 1:
                 self.wake()  # its new due time: threads that were waiting without it look again
+
+
+def upload_sessions(first: SftpSession, config: SftpConfig, concurrency: int) -> SessionPool:
+    """The upload threads' pool: `first` (the uploader's own) and `concurrency - 1` more sessions."""
+    return SessionPool([first] + [SftpSession(config) for _ in range(concurrency - 1)],
+                       config.connect_timeout)

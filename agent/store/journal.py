@@ -204,7 +204,12 @@ class FileRecord:
 
 
 class Journal:
-    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+    """`sendable_states`: what `next_sendable` hands the upload threads (ACTIVE_STATES; without
+    UPLOADED when the status job follows an uploaded file)."""
+
+    def __init__(self, path: Path, *, readonly: bool = False,
+                 sendable_states: tuple[FileState, ...] = ACTIVE_STATES) -> None:
+        self.sendable_states = sendable_states
         try:
             self._connect(path, readonly)
         except sqlite3.DatabaseError as exc:
@@ -240,8 +245,6 @@ class Journal:
         self._committed = 0  # every transaction up to this number is committed (or failed)
         self._commit_lock = threading.Lock()  # one committer at a time; the others wait for it
         self._failures: dict[int, BaseException] = {}  # transaction number -> why its COMMIT failed
-        # what next_sendable hands the upload worker; without UPLOADED when the status job follows it
-        self.sendable_states: tuple[FileState, ...] = ACTIVE_STATES
 
     def _migrate(self) -> None:
         """Add columns and indexes that journals made by older versions lack."""
