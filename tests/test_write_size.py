@@ -20,16 +20,17 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.config import Config, PathsConfig, SftpConfig
+from agent.config import SftpConfig
 from agent.ops.sandbox import SandboxServer
 from agent.pipeline.upload import Uploader
 from agent.store.archive import Filer
 from agent.store.journal import FileRecord, Journal
 from agent.transport import publish
 from agent.transport.sftp import MAX_WRITE_REQUEST, SFTP_WRITE_CHUNK, SftpSession, server_write_limit
+from tests.helpers.configs import make_config
 from tests.helpers.sshd import SshdServer
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.server, pytest.mark.timeout(60)]  # real servers
 TIMEOUT = 10.0
 PAYLOAD = 1024 * 1024  # a multiple of every request size: WRITE count = PAYLOAD / size
 USERNAME = "test_write_size"
@@ -49,9 +50,7 @@ def make_key(folder: Path) -> tuple[Path, str]:
 
 
 def make_uploader(tmp_path: Path, sftp: SftpConfig) -> tuple[Uploader, Journal, FileRecord]:
-    paths = PathsConfig(drop=tmp_path / "drop", state_dir=tmp_path / "state",
-                        archive=tmp_path / "archive", failed=tmp_path / "failed")
-    config = Config(sftp=sftp, paths=paths)
+    config = make_config(tmp_path, sftp=sftp)
     journal = Journal(tmp_path / "journal.sqlite3")
     source = tmp_path / "payload.bin"
     source.write_bytes(os.urandom(PAYLOAD))
