@@ -1,6 +1,6 @@
 """The settle queue: noticed paths wait here until each file is finished, then intake claims them.
 
-A file is finished when its writer is done with it (shared principle 8): closed after a write that
+A file is finished when its writer is done with it (ARCHITECTURE.md, rule 6): closed after a write that
 was seen, then unchanged for `watch.settle_seconds`; quiet time alone counts only for a file whose
 writing was never seen (a scan, a rename into drop/).
 """

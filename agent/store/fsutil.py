@@ -4,7 +4,7 @@ One primitive, `place`, puts a file under a new name without ever replacing what
 (`renameat2(RENAME_NOREPLACE)` where the kernel and filesystem have it, else link + unlink). Every
 move (`durable_move(s)`), rewrite (`rewrite_durably`) and write (`durable_writer`, `write_durably`)
 goes through it, so no file the agent did not create for that very purpose is ever overwritten
-(shared/design.md principle 2). `replace=True` is only for the agent's own files that it renews on
+(ARCHITECTURE.md, rule 2). `replace=True` is only for the agent's own files that it renews on
 purpose (the journal backup, known_hosts written by `trust-host`).
 """
 
