@@ -34,16 +34,26 @@ _SIGNATURES = (
 __all__ = ["RecordError", "ValidationReport", "validate_file"]
 
 
-def _kind(mode: int) -> str | None:
+_KINDS = ((stat.S_ISLNK, "link"), (stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "fifo"),
+          (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "device"), (stat.S_ISBLK, "device"))
+_NOT_READ = {
+    "directory": "is a directory, not a file",
+    "fifo": "is a FIFO (named pipe), not a file; it was not read",
+    "device": "is a device, not a file; it was not read",
+}
+
+
+def entry_kind(mode: int) -> str | None:
+    """None for a regular file, else what the entry is: link, directory, fifo, socket, device or
+    other (one reading of st_mode for the validator and intake; each says it in its own words)."""
     if stat.S_ISREG(mode):
         return None
-    if stat.S_ISDIR(mode):
-        return "is a directory, not a file"
-    if stat.S_ISFIFO(mode):
-        return "is a FIFO (named pipe), not a file; it was not read"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "is a device, not a file; it was not read"
-    return "is not a regular file; it was not read"
+    return next((kind for test, kind in _KINDS if test(mode)), "other")
+
+
+def _kind(mode: int) -> str | None:
+    kind = entry_kind(mode)
+    return None if kind is None else _NOT_READ.get(kind, "is not a regular file; it was not read")
 
 
 def open_regular(path: str | os.PathLike[str], follow_symlinks: bool = False) -> io.FileIO | str:

@@ -682,11 +682,9 @@ class Journal:
         """An online copy of the journal (SQLite's backup API, consistent while others write) at
         dest: written to a staging name, checked, fsynced, then renamed over the previous backup
         (the agent's own file, renewed on purpose). A copy that fails its check replaces nothing."""
-        from agent.store.fsutil import fsync_dir, place, staging_path
+        from agent.store.fsutil import fresh_staging, install_staged, remove_staging
 
-        staging = staging_path(dest)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(staging)
+        staging = fresh_staging(dest)
         source = sqlite3.connect(self.path)
         try:
             target = sqlite3.connect(staging)
@@ -698,20 +696,10 @@ class Journal:
                 target.close()
         finally:
             source.close()
-        try:
-            if verdict != "ok":
-                raise sqlite3.DatabaseError(f"the copy fails its check ({verdict})")
-            fd = os.open(staging, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            place(staging, dest, replace=True)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(staging)
-            raise
-        fsync_dir(dest.parent)
+        if verdict != "ok":
+            remove_staging(staging)
+            raise sqlite3.DatabaseError(f"the copy fails its check ({verdict})")
+        install_staged(staging, dest, replace=True)
 
     def count_in(self, states: tuple[FileState, ...]) -> int:
         with self._reading() as reader:
