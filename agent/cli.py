@@ -1,68 +1,76 @@
 """Command line: `saasquatch-agent` (also `python -m agent`); the logic lives in the modules it calls.
 
 Exit codes: 0 success; 1 runtime failure (or invalid files for `validate`); 2 usage or configuration.
+A command raises an error of the agent's family (agent.errors); `AgentGroup.invoke` is the one place
+that turns it into its line and its exit code.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import pwd
 import shutil
 import sqlite3
 import sys
-from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import NoReturn, ParamSpec
+from typing import Any, NoReturn
 
 import click
 from loguru import logger
 
 from agent.config import Config, ConfigError, ImportsConfig, ImportType, Transport, load_config
+from agent.errors import EXIT_RUNTIME, EXIT_USAGE, AgentError, CommandError, UsageError
 from agent.logs import escape_controls, setup_logging
-from agent.store.journal import FileRecord, FileState, Journal, JournalError, journal_error
+from agent.store.journal import FileRecord, FileState, Journal, journal_error
 
-P = ParamSpec("P")
-EXIT_RUNTIME = 1
-EXIT_USAGE = 2
+_CONFIG_PATH = "saasquatch-agent.config_path"  # click's ctx.meta (shared by every context of a call)
+
+
+def _remember_config_path(ctx: click.Context, _param: click.Parameter, value: Path | None) -> Path | None:
+    ctx.meta[_CONFIG_PATH] = value
+    return value
+
 
 config_option = click.option(
     "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+    callback=_remember_config_path,
     help="Configuration file (default: $SAASQUATCH_AGENT_CONFIG or /etc/saasquatch-agent/agent.toml).",
 )
 
 
-def fail(message: str, code: int) -> NoReturn:
-    click.echo(f"saasquatch-agent: {message}", err=True)
-    sys.exit(code)
+class AgentGroup(click.Group):
+    """The command group whose `invoke` maps every error to its exit, in one place: an AgentError
+    ends the command with its one line and its exit code (agent.errors), a journal found damaged
+    in the middle of a command with the line that says how to repair it, never a traceback."""
 
-
-def load_or_exit(config_path: Path | None) -> Config:
-    try:
-        return load_config(config_path)
-    except ConfigError as exc:
-        fail(str(exc), EXIT_USAGE)
-
-
-def journal_errors(command: Callable[P, None]) -> Callable[P, None]:
-    """A damaged journal ends the command with one line that says how to fix it (exit 1), never
-    with a traceback."""
-
-    @functools.wraps(command)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> None:
+    def invoke(self, ctx: click.Context) -> Any:
         try:
-            command(*args, **kwargs)
-        except (JournalError, sqlite3.DatabaseError) as exc:
-            config_path = kwargs.get("config_path")
-            path = load_config(config_path).journal_path if isinstance(config_path, Path | None) else None
-            problem = journal_error(path or Path("journal"), exc)
+            return super().invoke(ctx)
+        except AgentError as exc:
+            exit_with(exc)
+        except sqlite3.DatabaseError as exc:
+            problem = journal_error(_journal_path(ctx), exc)
             if problem is None:
                 raise
-            fail(str(problem), EXIT_RUNTIME)
+            exit_with(problem)
 
-    return wrapper
+
+def exit_with(exc: AgentError) -> NoReturn:
+    if exc.in_log:  # `run`: the daemon's own lines go to the log (journald)
+        logger.error("{}", exc)
+    else:
+        click.echo(f"saasquatch-agent: {exc}", err=True)
+    sys.exit(exc.exit_code)
+
+
+def _journal_path(ctx: click.Context) -> Path:
+    """The journal of the configuration the command was given, for the damaged-journal line."""
+    try:
+        return load_config(ctx.meta.get(_CONFIG_PATH)).journal_path
+    except ConfigError:
+        return Path("journal")
 
 
 def refuse_root_on_service_state(config: Config) -> None:
@@ -86,10 +94,11 @@ def refuse_root_on_service_state(config: Config) -> None:
     command = shutil.which("saasquatch-agent") or "saasquatch-agent"
     credential = (f"api-key:{config.api.api_key_file}" if config.upload.transport == Transport.API
                   else f"sftp-key:{config.sftp.private_key}")
-    fail(f"{state_dir} belongs to {user}: run as root, the agent would leave files there that {user} "
-         f"cannot use. Run it as {user}, with the key systemd passes: systemd-run --pipe --wait "
-         f"-p User={user} -p LoadCredential={credential} {command} run --once "
-         f"--config {source} (or let the service do it: systemctl restart {unit})", EXIT_USAGE)
+    raise UsageError(
+        f"{state_dir} belongs to {user}: run as root, the agent would leave files there that {user} "
+        f"cannot use. Run it as {user}, with the key systemd passes: systemd-run --pipe --wait "
+        f"-p User={user} -p LoadCredential={credential} {command} run --once "
+        f"--config {source} (or let the service do it: systemctl restart {unit})")
 
 
 class DurationType(click.ParamType):  # type: ignore[type-arg]
@@ -142,7 +151,7 @@ def show_status(config: Config, as_json: bool, states: tuple[str, ...], older_th
         click.echo(line)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=AgentGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="saasquatch-agent", prog_name="saasquatch-agent")
 def main() -> None:
     """Deliver SaaSquatch bulk-import files from a drop folder to the tenant's SFTP server."""
@@ -151,33 +160,14 @@ def main() -> None:
 @main.command()
 @config_option
 @click.option("--once", is_flag=True, help="Process what is in drop/ now, wait for the uploads, exit.")
-@journal_errors
 def run(config_path: Path | None, once: bool) -> None:
     """Run the agent (the daemon, or one pass with --once)."""
-    from agent.service import Agent, AlreadyRunning, run_daemon
-    from agent.transport.api import ApiKeyError, api_key_path, load_api_key
-    from agent.transport.sftp import PrivateKeyError, load_private_key, private_key_path
+    from agent.service import run_agent
 
-    config = load_or_exit(config_path)
+    config = load_config(config_path)
     refuse_root_on_service_state(config)
     setup_logging(config.log)
-    try:
-        # an unusable key: exit 1 now, files stay queued
-        if config.upload.transport == Transport.API:
-            load_api_key(api_key_path(config.api))
-        else:
-            load_private_key(private_key_path(config.sftp))
-        if once:
-            agent = Agent(config)
-            sys.exit(agent.run_once())
-        sys.exit(run_daemon(config))
-    except AlreadyRunning as exc:
-        fail(str(exc), EXIT_RUNTIME)
-    except JournalError as exc:
-        fail(str(exc), EXIT_RUNTIME)
-    except (PrivateKeyError, ApiKeyError, OSError) as exc:
-        logger.error("cannot start: {}", exc)
-        sys.exit(EXIT_RUNTIME)
+    sys.exit(run_agent(config, once=once))
 
 
 @main.command()
@@ -186,11 +176,10 @@ def run(config_path: Path | None, once: bool) -> None:
 @state_option
 @older_option
 @newer_option
-@journal_errors
 def status(config_path: Path | None, as_json: bool, states: tuple[str, ...], older_than: timedelta | None,
            newer_than: timedelta | None) -> None:
     """One row per file from the journal (filter by state and age)."""
-    show_status(load_or_exit(config_path), as_json, states, older_than, newer_than)
+    show_status(load_config(config_path), as_json, states, older_than, newer_than)
 
 
 @main.command()
@@ -205,7 +194,7 @@ def validate(files: tuple[Path, ...], import_type: str | None, config_path: Path
     """Check FILEs against the import rules without uploading; exit 1 when any is invalid."""
     from agent.ops.checkfiles import check_file, human_lines
 
-    config = load_or_exit(config_path) if config_path else None
+    config = load_config(config_path) if config_path else None
     cfg = config.imports if config else ImportsConfig()
     fallback = ImportType(import_type.lower()) if import_type else None
     results = [check_file(path, cfg, drop=config.paths.drop if config else None, fallback=fallback)
@@ -228,12 +217,7 @@ def keygen(path: Path) -> None:
     """Create an ED25519 key without passphrase (mode 0600) and print the public line."""
     from agent.ops.keys import write_new_keypair
 
-    try:
-        public_line = write_new_keypair(path)
-    except FileExistsError:
-        fail(f"{path} already exists; not overwriting a key", EXIT_RUNTIME)
-    except OSError as exc:
-        fail(f"cannot write {path}: {exc.strerror}", EXIT_RUNTIME)
+    public_line = write_new_keypair(path)
     click.echo(f"private key: {path} (mode 0600; keep it on this machine)")
     click.echo(f"public key:  {path}.pub")
     click.echo("Paste this line into SaaSquatch (Integrations > SFTP Import > public key):")
@@ -247,8 +231,9 @@ def keygen(path: Path) -> None:
 def demo(keep: bool, transport: str) -> None:
     """Run the whole flow against a local sandbox (SFTP server or import API; no credentials needed)."""
     from agent.ops.demo import run_demo
+    from agent.service import Agent
 
-    sys.exit(run_demo(keep=keep, transport=transport))
+    sys.exit(run_demo(lambda config: Agent(config).run_once(), keep=keep, transport=transport))
 
 
 @main.command("trust-host")
@@ -259,22 +244,18 @@ def demo(keep: bool, transport: str) -> None:
 def trust_host(config_path: Path | None, fingerprint: str | None, hashed: bool) -> None:
     """Show the SFTP server's host key and add it to known_hosts once you confirm it."""
     from agent.ops.trust import (
-        TrustError,
         fetch_host_key,
         known_keys,
         normalize_fingerprint,
         write_known_host,
     )
 
-    config = load_or_exit(config_path)
+    config = load_config(config_path)
     if config.upload.transport == Transport.API:
-        fail('upload.transport is "api": trust-host is for the SFTP route (the API route checks the'
-             " server's TLS certificate against the system's CAs, or api.ca_file)", EXIT_USAGE)
+        raise UsageError('upload.transport is "api": trust-host is for the SFTP route (the API route checks'
+                         " the server's TLS certificate against the system's CAs, or api.ca_file)")
     cfg = config.sftp
-    try:
-        info = fetch_host_key(cfg)
-    except TrustError as exc:
-        fail(str(exc), EXIT_RUNTIME)
+    info = fetch_host_key(cfg)
     click.echo(f"{info.name} offers a {info.key_type} host key")
     click.echo(f"  fingerprint: {info.fingerprint}")
     known = known_keys(cfg.known_hosts, info.name)
@@ -286,15 +267,12 @@ def trust_host(config_path: Path | None, fingerprint: str | None, hashed: bool) 
                    f" {old_key.fingerprint}. Replace it only if SaaSquatch confirms the new fingerprint.")
     if fingerprint is not None:
         if normalize_fingerprint(fingerprint) != info.fingerprint:
-            fail(f"fingerprint mismatch: expected {normalize_fingerprint(fingerprint)}, the server offered"
-                 f" {info.fingerprint}; nothing written", EXIT_RUNTIME)
+            raise CommandError(f"fingerprint mismatch: expected {normalize_fingerprint(fingerprint)}, the"
+                               f" server offered {info.fingerprint}; nothing written")
     elif not click.confirm("Does this fingerprint match the one SaaSquatch shows for your SFTP server?",
                            default=False):
-        fail("not confirmed; nothing written", EXIT_RUNTIME)
-    try:
-        write_known_host(cfg.known_hosts, info, hashed=hashed)
-    except OSError as exc:
-        fail(f"cannot write {cfg.known_hosts}: {exc.strerror or exc}", EXIT_RUNTIME)
+        raise CommandError("not confirmed; nothing written")
+    write_known_host(cfg.known_hosts, info, hashed=hashed)
     click.echo(f"trusted: wrote {info.name} {info.key_type} to {cfg.known_hosts}")
 
 
@@ -328,22 +306,21 @@ def doctor(config_path: Path | None) -> None:
 @config_option
 @click.argument("key", metavar="NAME|ID")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array of files with their events.")
-@journal_errors
 def history(config_path: Path | None, key: str, as_json: bool) -> None:
     """Every state change of one file (by journal ID, original name or remote name)."""
     from agent.ops.views import history as file_history
     from agent.ops.views import history_lines
 
-    config = load_or_exit(config_path)
+    config = load_config(config_path)
     if not config.journal_path.exists():
-        fail(f"no journal yet at {config.journal_path}", EXIT_RUNTIME)
+        raise CommandError(f"no journal yet at {config.journal_path}")
     journal = Journal(config.journal_path, readonly=True)
     try:
         found = file_history(journal, key)
     finally:
         journal.close()
     if not found:
-        fail(f"no file in the journal is called {key!r} (use the ID from `status`)", EXIT_RUNTIME)
+        raise CommandError(f"no file in the journal is called {key!r} (use the ID from `status`)")
     if as_json:
         click.echo(json.dumps([{**record.to_json(), "events": [
             {"at": at, "state": state, "message": message} for at, state, message in events
@@ -355,22 +332,18 @@ def history(config_path: Path | None, key: str, as_json: bool) -> None:
 @main.command()
 @config_option
 @click.argument("key", metavar="NAME|ID")
-@journal_errors
 def retry(config_path: Path | None, key: str) -> None:
     """Re-queue a failed or stale file (sent again under a new name, even if a duplicate)."""
-    from agent.ops.views import OpsError
     from agent.ops.views import retry as requeue
 
-    config = load_or_exit(config_path)
+    config = load_config(config_path)
     if not config.journal_path.exists():
-        fail(f"no journal yet at {config.journal_path}", EXIT_RUNTIME)
+        raise CommandError(f"no journal yet at {config.journal_path}")
     journal = Journal(config.journal_path)
     try:
         record = requeue(config, journal, key)
-    except OpsError as exc:
-        fail(str(exc), EXIT_RUNTIME)
-    except (OSError, sqlite3.Error) as exc:
-        fail(f"retry of {key!r} did not finish ({exc}); run it again", EXIT_RUNTIME)
+    except (OSError, sqlite3.Error) as exc:  # the operator's words for an interrupted retry
+        raise CommandError(f"retry of {key!r} did not finish ({exc}); run it again") from exc
     finally:
         journal.close()
     click.echo(escape_controls(
@@ -382,13 +355,12 @@ def retry(config_path: Path | None, key: str) -> None:
 @click.option("--days", type=click.IntRange(min=1), default=30, show_default=True,
               help="How many days back, today included (UTC).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
-@journal_errors
 def report(config_path: Path | None, days: int, as_json: bool) -> None:
     """Per-day counts by import type and outcome."""
     from agent.ops.views import report as daily_report
     from agent.ops.views import report_lines
 
-    config = load_or_exit(config_path)
+    config = load_config(config_path)
     rows = daily_report(_records(config), days)
     if as_json:
         click.echo(json.dumps([row.to_json() for row in rows], indent=2))
@@ -411,7 +383,7 @@ def journal_check(config_path: Path | None) -> None:
     """Integrity, spool files no row names, rows whose files are gone; exit 1 when something is wrong."""
     from agent.store.repair import check
 
-    ok, lines = check(load_or_exit(config_path))
+    ok, lines = check(load_config(config_path))
     for line in lines:
         click.echo(escape_controls(line))
     sys.exit(0 if ok else EXIT_RUNTIME)
@@ -425,17 +397,18 @@ def journal_rebuild(config_path: Path | None) -> None:
     from agent.service import AlreadyRunning, take_lock
     from agent.store.repair import rebuild
 
-    config = load_or_exit(config_path)
+    config = load_config(config_path)
     setup_logging(config.log.model_copy(update={"level": "WARNING"}))
     config.paths.state_dir.mkdir(parents=True, exist_ok=True)
     try:
         lock = take_lock(config.paths.state_dir / "agent.lock")
-    except AlreadyRunning as exc:
-        fail(f"{exc}; stop it first (systemctl stop saasquatch-agent), then run this again", EXIT_RUNTIME)
+    except AlreadyRunning as exc:  # said with what to do instead
+        raise CommandError(f"{exc}; stop it first (systemctl stop saasquatch-agent), then run this"
+                           " again") from exc
     try:
         lines = rebuild(config)
     except (OSError, sqlite3.Error) as exc:
-        fail(f"rebuild did not finish ({exc}); nothing was deleted, run it again", EXIT_RUNTIME)
+        raise CommandError(f"rebuild did not finish ({exc}); nothing was deleted, run it again") from exc
     finally:
         lock.close()
     for line in lines:

@@ -19,14 +19,20 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from agent.errors import EXIT_USAGE, AgentError
 from agent.imports.namerules import check_distinct, check_folder, check_prefix
+from agent.imports.types import MAX_FILE_BYTES, MAX_RECORDS
+from agent.imports.types import ImportType as ImportType  # its home is the import rules; kept here too
+from agent.imports.types import OversizePolicy as OversizePolicy
 
 DEFAULT_CONFIG_PATH = Path("/etc/saasquatch-agent/agent.toml")
 CONFIG_ENV_VAR = "SAASQUATCH_AGENT_CONFIG"
 
 
-class ConfigError(Exception):
+class ConfigError(AgentError):
     """A configuration problem; the message is one line meant for the operator."""
+
+    exit_code = EXIT_USAGE
 
 
 class _Section(BaseModel):
@@ -200,13 +206,6 @@ class RetryConfig(_Section):
     once_max_attempts: Annotated[int, Field(ge=1)] = 3
 
 
-class ImportType(StrEnum):
-    USERS = "users"
-    USER_EVENTS = "user_events"
-    DELETE_USERS = "delete_users"
-    REWARD_REDEMPTIONS = "reward_redemptions"
-
-
 class PerTypeNames(_Section):
     users: Annotated[str, Field(min_length=1)]
     user_events: Annotated[str, Field(min_length=1)]
@@ -226,11 +225,6 @@ class PerTypeNames(_Section):
                 raise ValueError(f"{key}: {exc}") from None
         check_distinct(pairs, what)
         return self
-
-
-class OversizePolicy(StrEnum):
-    SPLIT = "split"
-    REFUSE = "refuse"
 
 
 class ImportsConfig(_Section):
@@ -257,8 +251,8 @@ class ImportsConfig(_Section):
     def _safe_distinct_folders(cls, value: PerTypeNames) -> PerTypeNames:
         return value.check_each(check_folder, "folder")
 
-    max_file_bytes: Annotated[int, Field(gt=0)] = 100 * 1024 * 1024
-    max_records: Annotated[int, Field(gt=0)] = 500_000
+    max_file_bytes: Annotated[int, Field(gt=0)] = MAX_FILE_BYTES
+    max_records: Annotated[int, Field(gt=0)] = MAX_RECORDS
     oversize: OversizePolicy = OversizePolicy.SPLIT
     deletion_guard: bool = True
     # a file whose content and type were already sent within this many days is refused; 0 = off

@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
@@ -17,19 +18,23 @@ from typing import IO, TYPE_CHECKING
 from loguru import logger
 
 from agent.config import Config, ConfigError, Transport, load_config
-from agent.intake.claim import NOTICE_LIMIT, Intake, SettleQueue
+from agent.errors import AgentError
+from agent.intake.claim import Intake
+from agent.intake.settle import NOTICE_LIMIT, SettleQueue
 from agent.intake.watch import DropScanner, DropWatcher
 from agent.logs import setup_logging
-from agent.pipeline.api_upload import ApiUploader
+from agent.pipeline.api_upload import API_SENDABLE_STATES, ApiUploader
 from agent.pipeline.lifecycle import TRACKED_STATES, Lifecycle
+from agent.pipeline.notify import Notifier as FileNotifier
 from agent.pipeline.upload import Uploader
-from agent.pipeline.upload_worker import UploadWorker
+from agent.pipeline.upload_worker import UploadWorker, upload_sessions
 from agent.store.adopt import reconcile_spool
 from agent.store.archive import Filer
 from agent.store.fsutil import ensure_dir, finish_interrupted_move
-from agent.store.journal import ACTIVE_STATES, FileRecord, FileState, Journal
+from agent.store.journal import ACTIVE_STATES, SENDING_STATES, FileRecord, FileState, Journal
 from agent.systemd import Notifier
-from agent.transport.sftp import SftpSession
+from agent.transport.session_pool import SessionPool
+from agent.transport.sftp import PrivateKeyError, SftpSession, load_private_key, private_key_path
 
 if TYPE_CHECKING:
     from apscheduler.schedulers.background import BackgroundScheduler
@@ -40,12 +45,34 @@ if TYPE_CHECKING:
 ONCE_POLL_SECONDS = 0.02  # `run --once` looks this often whether everything is done (one COUNT query)
 
 
-class AlreadyRunning(Exception):
-    pass
+class AlreadyRunning(AgentError):
+    """Another agent holds the state_dir's lock."""
+
+
+class StartError(AgentError):
+    """The agent cannot start (its key, its folders); said in the log, like the daemon's lines."""
+
+    in_log = True
+
+
+def _no_heartbeat() -> None:
+    return None
+
+
+def _ignore_timing(_record: FileRecord, _seconds: float) -> None:
+    return None
 
 
 class Agent:
-    def __init__(self, config: Config) -> None:
+    """The one place the agent is wired: every collaborator and hook is given to its constructor.
+
+    `heartbeat` / `heartbeat_interval`: the systemd watchdog ping and how often the upload threads
+    must wake for it; `on_published`: each file's upload seconds (metrics).
+    """
+
+    def __init__(self, config: Config, *, heartbeat: Callable[[], None] = _no_heartbeat,
+                 heartbeat_interval: float | None = None,
+                 on_published: Callable[[FileRecord, float], None] = _ignore_timing) -> None:
         self.config = config
         paths = config.paths
         for folder in (paths.state_dir, config.spool_dir):
@@ -57,31 +84,41 @@ class Agent:
                 logger.error("{} is not usable ({}); files bound there wait in the spool until it is",
                              folder, exc.strerror or exc)
         self._lock_file = take_lock(paths.state_dir / "agent.lock")
-        self.journal = Journal(config.journal_path)
-        self.filer = Filer(config, self.journal)
+        tracking = config.status.tracking  # the status job follows an uploaded file, not the uploader
+        api = config.upload.transport == Transport.API
+        self.journal = Journal(config.journal_path, sendable_states=(
+            API_SENDABLE_STATES if api else SENDING_STATES if tracking else ACTIVE_STATES))
+        notifier = FileNotifier(config.notify)
+        self.filer = Filer(config, self.journal, on_failed=lambda record: notifier.submit(record, "failed"))
         self.scanner = DropScanner(paths.drop, _type_folders(config))
         self.scanner.create_folders()
         self.uploader: Uploader | ApiUploader
-        if config.upload.transport == Transport.API:  # SaaSquatch's import API (pipeline/api_upload.py)
-            self.uploader = ApiUploader(config, self.journal, self.filer)
-            self.worker = UploadWorker(self.uploader, self.journal, config.upload.concurrency)
-            self.lifecycle = Lifecycle(config, self.journal, self.filer)  # notify, archive, retention
-            self.uploader.after_archive = self.lifecycle.compress
-            self.uploader.on_stale = functools.partial(self.lifecycle.notifier.submit, event="stale")
+        sessions: SessionPool | None = None
+        if api:  # SaaSquatch's import API (pipeline/api_upload.py): no SFTP session, no status poll
+            self.lifecycle = Lifecycle(config, self.journal, self.filer, notifier=notifier)
+            self.uploader = ApiUploader(config, self.journal, self.filer,
+                                        after_archive=self.lifecycle.compress,
+                                        on_changed=self._check_again_when_stable,
+                                        on_stale=functools.partial(notifier.submit, event="stale"),
+                                        on_published=on_published, heartbeat=heartbeat)
         else:
             self.session = SftpSession(config.sftp)
-            self.uploader = Uploader(config, self.journal, self.filer, self.session)
-            self.worker = UploadWorker(self.uploader, self.journal, config.upload.concurrency)
-            self.lifecycle = Lifecycle(config, self.journal, self.filer, self.uploader)  # after the upload
             # the status poll borrows the upload threads' connections (a server may allow only one)
-            self.lifecycle.share_connections(self.worker.sessions)
-        self.intake = Intake(config, self.journal, self.filer, self.scanner, self.worker.wake)
+            sessions = upload_sessions(self.session, config.sftp, config.upload.concurrency)
+            self.lifecycle = Lifecycle(config, self.journal, self.filer, notifier=notifier, pool=sessions)
+            # a file whose bytes changed after it was taken waits until stable, then is checked again
+            self.uploader = Uploader(config, self.journal, self.filer, self.session,
+                                     after_upload=self.lifecycle.after_upload,
+                                     archive_on_publish=not tracking,  # the batch path files at once
+                                     after_archive=self.lifecycle.compress,
+                                     on_changed=self._check_again_when_stable,
+                                     on_published=on_published, heartbeat=heartbeat)
+        self.worker = UploadWorker(self.uploader, self.journal, config.upload.concurrency, sessions=sessions,
+                                   heartbeat_interval=heartbeat_interval)
+        self.intake = Intake(config, self.journal, self.filer, self.scanner, self.worker.wake,
+                             on_changed=self._check_again_when_stable)
         self.settle = SettleQueue(config.watch.settle_seconds, self.intake.claim_many,
-                                  self.intake.check_again)
-        self.settle.refill = self.rescan
-        # a file whose bytes changed after it was taken waits until stable, then is checked again
-        self.intake.on_changed = self._check_again_when_stable
-        self.uploader.on_changed = self._check_again_when_stable
+                                  self.intake.check_again, refill=self.rescan)
         self.watcher: DropWatcher | None = None
         self.scheduler: BackgroundScheduler | None = None
 
@@ -185,8 +222,7 @@ class Agent:
         # each --once run has its own retry.once_max_attempts budget, starting now
         self.journal.restart_attempts(self.journal.sendable_states)
         # with work in sight, the SSH handshake overlaps the claim and check of the first files
-        self.worker.preconnect = bool(start_ids) or next(iter(self.scanner.scan()), None) is not None
-        self.worker.start()
+        self.worker.start(preconnect=bool(start_ids) or next(iter(self.scanner.scan()), None) is not None)
         self.settle.start()
         self.rescan()
         limit = self.config.retry.once_max_attempts
@@ -232,6 +268,21 @@ def take_lock(path: Path) -> IO[str]:
     return handle
 
 
+def run_agent(config: Config, *, once: bool) -> int:
+    """`saasquatch-agent run`: one pass (`--once`: 0 when every file ended archived) or the daemon.
+    An unusable key stops it before anything is touched (files stay queued): StartError."""
+    from agent.transport.api import ApiKeyError, api_key_path, load_api_key
+
+    try:
+        if config.upload.transport == Transport.API:
+            load_api_key(api_key_path(config.api))
+        else:
+            load_private_key(private_key_path(config.sftp))
+        return Agent(config).run_once() if once else run_daemon(config)
+    except (PrivateKeyError, ApiKeyError, OSError) as exc:
+        raise StartError(f"cannot start: {exc}") from exc
+
+
 def run_daemon(config: Config) -> int:
     """Run until SIGTERM/SIGINT; SIGHUP re-reads the configuration (a bad one is refused)."""
     stop = threading.Event()
@@ -272,15 +323,15 @@ def run_daemon(config: Config) -> int:
 
 
 def _start(config: Config, notifier: Notifier) -> tuple[Agent, Metrics | None]:
-    agent = Agent(config)
-    agent.uploader.heartbeat = notifier.heartbeat  # WatchdogSec=: pings come from the upload thread
-    agent.worker.heartbeat_interval = notifier.watchdog_interval
     metrics = None
     if config.metrics.enabled:
         from agent.ops.metrics import Metrics  # prometheus_client is loaded only when asked for (idle RSS)
 
         metrics = Metrics(config)
-        agent.uploader.on_published = metrics.observe_upload
+    # WatchdogSec=: pings come from the upload thread
+    agent = Agent(config, heartbeat=notifier.heartbeat, heartbeat_interval=notifier.watchdog_interval,
+                  on_published=metrics.observe_upload if metrics is not None else _ignore_timing)
+    if metrics is not None:
         metrics.start()
     agent.start()
     return agent, metrics

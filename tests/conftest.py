@@ -17,6 +17,21 @@ from agent.ops.sandbox import SandboxServer  # noqa: E402
 from tests.helpers.sshd import SshdServer  # noqa: E402
 from tests.helpers.tcp_proxy import TcpProxy  # noqa: E402
 
+# Tests by cost: `unit` (no server, no agent process; `pytest -m unit` runs in seconds), `server` (a
+# real SFTP server, an agent process), `system` (a booted container). A test is `server` when it
+# uses one of these fixtures (directly or through another fixture), or when its module or the test
+# says so (one that starts a server or an agent itself); `system` only by its module's mark.
+SERVER_FIXTURES = frozenset({"sshd_server", "sshd_proxy", "proxy_known_hosts", "sandbox", "server"})
+COSTS = ("unit", "server", "system")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if any(item.get_closest_marker(cost) for cost in COSTS):
+            continue
+        uses_server = SERVER_FIXTURES & set(getattr(item, "fixturenames", ()))
+        item.add_marker(pytest.mark.server if uses_server else pytest.mark.unit)
+
 
 @pytest.fixture
 def sshd_server() -> Iterator[SshdServer]:

@@ -5,16 +5,9 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from agent.config import Config, PathsConfig, SftpConfig
 from agent.store.adopt import find_published, reconcile_spool
 from agent.store.journal import FileState, Journal, parse_spool_name, spool_name
-
-
-def _config(tmp_path: Path) -> Config:
-    sftp = SftpConfig(host="127.0.0.1", username="u", private_key=tmp_path / "key",
-                      known_hosts=tmp_path / "known_hosts")
-    return Config(sftp=sftp, paths=PathsConfig(drop=tmp_path / "drop", state_dir=tmp_path / "state",
-                                               archive=tmp_path / "archive", failed=tmp_path / "failed"))
+from tests.helpers.configs import make_config
 
 
 def test_spool_name_carries_id_and_a_safe_readable_name() -> None:
@@ -29,7 +22,7 @@ def test_spool_name_carries_id_and_a_safe_readable_name() -> None:
 
 
 def test_claims_are_spooled_under_id_and_name(tmp_path: Path) -> None:
-    config = _config(tmp_path)
+    config = make_config(tmp_path)
     journal = Journal(tmp_path / "j.sqlite3")
     try:
         [a, b] = journal.add_claims([tmp_path / "drop" / "users_a.csv", tmp_path / "drop" / "users_b.csv"],
@@ -41,7 +34,7 @@ def test_claims_are_spooled_under_id_and_name(tmp_path: Path) -> None:
 
 
 def test_spool_files_without_rows_are_adopted_with_their_names(tmp_path: Path) -> None:
-    config = _config(tmp_path)
+    config = make_config(tmp_path)
     config.spool_dir.mkdir(parents=True)
     journal = Journal(config.journal_path)
     try:
@@ -88,7 +81,7 @@ def test_adopted_column_is_added_to_an_old_journal(tmp_path: Path) -> None:
 
 
 def test_find_published_matches_hash_extension_and_size(tmp_path: Path) -> None:
-    config = _config(tmp_path)
+    config = make_config(tmp_path)
     journal = Journal(tmp_path / "j.sqlite3")
     try:
         [record] = journal.add_claims([tmp_path / "drop" / "users_jan.csv"], config.spool_dir)

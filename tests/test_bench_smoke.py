@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.server  # a real server or an agent process
+
 REPO = Path(__file__).resolve().parent.parent
 
 

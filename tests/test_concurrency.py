@@ -16,24 +16,17 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import Config, ConfigError, PathsConfig, SftpConfig, parse_config
+from agent.config import Config, ConfigError, parse_config
 from agent.pipeline.upload import Uploader
 from agent.pipeline.upload_worker import UploadWorker
 from agent.store.archive import Filer
 from agent.store.journal import FileRecord, FileState, Journal
 from agent.transport.sftp import SftpSession
 from tests.helpers.agent_env import AgentEnv
+from tests.helpers.configs import make_config
 from tests.helpers.sshd import SshdServer
 
 TIMEOUT = 20.0
-
-
-def make_config(tmp_path: Path) -> Config:
-    sftp = SftpConfig(host="127.0.0.1", username="u", private_key=tmp_path / "key",
-                      known_hosts=tmp_path / "known_hosts")
-    paths = PathsConfig(drop=tmp_path / "drop", state_dir=tmp_path / "state",
-                        archive=tmp_path / "archive", failed=tmp_path / "failed")
-    return Config(sftp=sftp, paths=paths)
 
 
 def queued_journal(tmp_path: Path, count: int) -> Journal:

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import Config, PathsConfig, SftpConfig
 from agent.store.archive import Filer
 from agent.store.fsutil import durable_moves
 from agent.store.journal import FileState, Journal
+from tests.helpers.configs import make_config
 
 
 def test_each_move_is_done_or_reported_and_the_others_go_on(tmp_path: Path) -> None:
@@ -26,10 +26,7 @@ def test_each_move_is_done_or_reported_and_the_others_go_on(tmp_path: Path) -> N
 
 
 def test_batch_archive_records_what_moved_then_raises_for_the_rest(tmp_path: Path) -> None:
-    sftp = SftpConfig(host="127.0.0.1", username="u", private_key=tmp_path / "key",
-                      known_hosts=tmp_path / "known_hosts")
-    config = Config(sftp=sftp, paths=PathsConfig(drop=tmp_path / "drop", state_dir=tmp_path / "state",
-                                                 archive=tmp_path / "archive", failed=tmp_path / "failed"))
+    config = make_config(tmp_path)
     config.spool_dir.mkdir(parents=True)
     journal = Journal(config.journal_path)
     filer = Filer(config, journal)
@@ -145,10 +142,7 @@ def test_nothing_in_agent_renames_or_replaces_but_fsutil() -> None:
 def test_refused_file_waits_for_failed_folder_and_moves_on_without_restart(tmp_path: Path) -> None:
     """failed/ unusable: the file stays in the spool with its intent; resume_held (the archive
     job's first step) moves it once failed/ works again, in the same process."""
-    sftp = SftpConfig(host="127.0.0.1", username="u", private_key=tmp_path / "key",
-                      known_hosts=tmp_path / "known_hosts")
-    config = Config(sftp=sftp, paths=PathsConfig(drop=tmp_path / "drop", state_dir=tmp_path / "state",
-                                                 archive=tmp_path / "archive", failed=tmp_path / "failed"))
+    config = make_config(tmp_path)
     config.spool_dir.mkdir(parents=True)
     config.paths.failed.write_text("not a folder")
     journal = Journal(config.journal_path)
@@ -171,10 +165,7 @@ def test_refused_file_waits_for_failed_folder_and_moves_on_without_restart(tmp_p
 
 
 def test_reservation_covers_every_side_name(tmp_path: Path) -> None:
-    sftp = SftpConfig(host="127.0.0.1", username="u", private_key=tmp_path / "key",
-                      known_hosts=tmp_path / "known_hosts")
-    config = Config(sftp=sftp, paths=PathsConfig(drop=tmp_path / "drop", state_dir=tmp_path / "state",
-                                                 archive=tmp_path / "archive", failed=tmp_path / "failed"))
+    config = make_config(tmp_path)
     config.paths.failed.mkdir(parents=True)
     journal = Journal(tmp_path / "j.sqlite3")
     filer = Filer(config, journal)

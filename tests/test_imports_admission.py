@@ -14,6 +14,7 @@ from agent.config import ImportsConfig, ImportType, OversizePolicy
 from agent.imports.admission import PartOf, admit, part_numbers, spool_part_of
 from agent.imports.split import count_parts, split_file
 from agent.imports.types import FileFormat, RefusalCode
+from agent.store.fsutil import durable_moves
 
 WHEN = datetime(2026, 11, 29, 12, 0, 0, tzinfo=UTC)
 SHA = "ab12cd34" + "0" * 56
@@ -87,7 +88,8 @@ def test_count_parts_matches_split_file(values: list[str], max_records: int, max
         out = Path(folder) / "out"
         out.mkdir()
         try:
-            parts = split_file(source, fmt, max_bytes, max_records, out, name="users_n.csv")
+            parts = split_file(source, fmt, max_bytes, max_records, out, move=durable_moves,
+                               name="users_n.csv")
             expected: int | str = len(parts)
         except Exception as exc:  # noqa: BLE001 - both must fail the same way
             expected = type(exc).__name__

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.config import ImportsConfig, ImportType, PerTypeNames
+from agent.config import ImportsConfig, ImportType
 from agent.imports.naming import MAX_REMOTE_NAME, readable_stem, remote_name
 
 CFG = ImportsConfig()
@@ -19,7 +19,7 @@ SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 def _name(original: str, import_type: ImportType = ImportType.USERS, **kwargs: object) -> str:
-    return remote_name(import_type, original, SHA, WHEN, CFG, **kwargs)  # type: ignore[arg-type]
+    return remote_name(CFG.prefixes.for_type(import_type), original, SHA, WHEN, **kwargs)  # type: ignore[arg-type]
 
 
 def test_shape() -> None:
@@ -48,15 +48,15 @@ def test_parts() -> None:
 
 def test_timestamp_is_utc() -> None:
     local = WHEN.astimezone(timezone(timedelta(hours=-5)))
-    assert remote_name(ImportType.USERS, "a.csv", SHA, local, CFG) == _name("a.csv")
+    assert remote_name("users", "a.csv", SHA, local) == _name("a.csv")
     with pytest.raises(ValueError, match="timezone-aware"):
-        remote_name(ImportType.USERS, "a.csv", SHA, datetime(2024, 1, 1), CFG)
+        remote_name("users", "a.csv", SHA, datetime(2024, 1, 1))
 
 
 def test_unique_and_deterministic() -> None:
     assert _name("a.csv") == _name("a.csv")
-    other_hash = remote_name(ImportType.USERS, "a.csv", "ff" * 32, WHEN, CFG)
-    other_time = remote_name(ImportType.USERS, "a.csv", SHA, WHEN + timedelta(seconds=1), CFG)
+    other_hash = remote_name("users", "a.csv", "ff" * 32, WHEN)
+    other_time = remote_name("users", "a.csv", SHA, WHEN + timedelta(seconds=1))
     assert len({_name("a.csv"), other_hash, other_time, _name("b.csv")}) == 4
 
 
@@ -85,14 +85,12 @@ def test_length_is_bounded_and_stem_truncated() -> None:
 
 
 def test_unsafe_prefix_or_bad_input_is_refused() -> None:
-    bad = ImportsConfig.model_construct(prefixes=PerTypeNames(
-        users="../up", user_events="e", delete_users="d", reward_redemptions="r"))
     with pytest.raises(ValueError, match="not safe"):
-        remote_name(ImportType.USERS, "a.csv", SHA, WHEN, bad)
+        remote_name("../up", "a.csv", SHA, WHEN)
     with pytest.raises(ValueError, match=r"\.csv or \.jsonl"):
         _name("a.txt")
     with pytest.raises(ValueError, match="hexadecimal"):
-        remote_name(ImportType.USERS, "a.csv", "not-a-hash", WHEN, CFG)
+        remote_name("users", "a.csv", "not-a-hash", WHEN)
 
 
 @given(st.text(min_size=1, max_size=300), st.sampled_from(list(ImportType)),
@@ -100,7 +98,7 @@ def test_unsafe_prefix_or_bad_input_is_refused() -> None:
            st.integers(1, 50), st.integers(50, 999))))
 def test_any_name_gives_a_safe_remote_name(stem: str, import_type: ImportType, ext: str,
                                            part: tuple[int, int] | None) -> None:
-    name = remote_name(import_type, stem + ext, SHA, WHEN, CFG, part)
+    name = remote_name(CFG.prefixes.for_type(import_type), stem + ext, SHA, WHEN, part)
     assert name.startswith(CFG.prefixes.for_type(import_type) + "_")
     assert SAFE.fullmatch(name), name
     assert ".." not in name and len(name) <= MAX_REMOTE_NAME

@@ -6,10 +6,11 @@ import csv
 from pathlib import Path
 
 from agent.config import ImportsConfig, ImportType
-from agent.imports.quarantine import errors_csv_text, reason_paragraph, write_errors_csv
+from agent.imports.quarantine import errors_csv_text, reason_paragraph
 from agent.imports.report import RecordError
 from agent.imports.types import classify
 from agent.imports.validate import validate_file
+from agent.store.fsutil import write_durably
 
 
 def _read(path: Path) -> list[list[str]]:
@@ -19,8 +20,8 @@ def _read(path: Path) -> list[list[str]]:
 
 def test_errors_csv_columns_and_rows(tmp_path: Path) -> None:
     path = tmp_path / "users_a.csv.errors.csv"
-    write_errors_csv(path, [RecordError(2, "id", "'id' is required, and must not be empty"),
-                            RecordError(None, "", "the file is not valid UTF-8")])
+    write_durably(path, errors_csv_text([RecordError(2, "id", "'id' is required, and must not be empty"),
+                                         RecordError(None, "", "the file is not valid UTF-8")]))
     assert _read(path) == [
         ["recordNumber", "field", "message"],
         ["2", "id", "'id' is required, and must not be empty"],

@@ -16,6 +16,7 @@ from agent.config import ImportsConfig, ImportType
 from agent.imports.split import SplitError, split_file
 from agent.imports.types import FileFormat
 from agent.imports.validate import validate_file
+from agent.store.fsutil import durable_moves
 
 BOM = b"\xef\xbb\xbf"
 
@@ -83,7 +84,7 @@ def test_csv_split_property(width: int, data: st.DataObject, terminator: str, bo
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / "users_big.csv"
         source.write_bytes(original)
-        parts = split_file(source, FileFormat.CSV, max_bytes, max_records, tmp)
+        parts = split_file(source, FileFormat.CSV, max_bytes, max_records, tmp, move=durable_moves)
         _check_parts(parts, max_bytes, max_records, FileFormat.CSV, original)
         assert source.read_bytes() == original
 
@@ -114,7 +115,7 @@ def test_jsonl_split_property(objects: list[dict[str, object]], crlf: bool, bom:
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / "users_big.jsonl"
         source.write_bytes(original)
-        parts = split_file(source, FileFormat.JSONL, max_bytes, max_records, tmp)
+        parts = split_file(source, FileFormat.JSONL, max_bytes, max_records, tmp, move=durable_moves)
         _check_parts(parts, max_bytes, max_records, FileFormat.JSONL, original)
         assert b"".join(p.read_bytes() for p in parts) == original.removeprefix(BOM)
 
@@ -129,7 +130,7 @@ def test_generated_file_over_both_limits_validates_per_part(tmp_path: Path) -> N
     assert report.ok and report.over_limits
     out = tmp_path / "parts"
     out.mkdir()
-    parts = split_file(source, FileFormat.CSV, cfg.max_file_bytes, cfg.max_records, out)
+    parts = split_file(source, FileFormat.CSV, cfg.max_file_bytes, cfg.max_records, out, move=durable_moves)
     assert len(parts) >= 7
     total = 0
     for part in parts:
@@ -146,7 +147,7 @@ def test_record_too_large_leaves_nothing_behind(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(SplitError, match="record 2 alone is 103 bytes"):
-        split_file(source, FileFormat.CSV, 60, 10, out)
+        split_file(source, FileFormat.CSV, 60, 10, out, move=durable_moves)
     assert list(out.iterdir()) == []
 
 
@@ -155,7 +156,7 @@ def test_existing_part_is_never_overwritten(tmp_path: Path) -> None:
     source.write_bytes(b'{"a": 1}\n{"a": 2}\n')
     (tmp_path / "users_a_part2of2.jsonl").write_bytes(b"keep me")
     with pytest.raises(FileExistsError):
-        split_file(source, FileFormat.JSONL, 100, 1, tmp_path)
+        split_file(source, FileFormat.JSONL, 100, 1, tmp_path, move=durable_moves)
     assert (tmp_path / "users_a_part2of2.jsonl").read_bytes() == b"keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["users_a.jsonl", "users_a_part2of2.jsonl"]
 
@@ -164,7 +165,7 @@ def test_header_only_cannot_be_split(tmp_path: Path) -> None:
     source = tmp_path / "users_a.csv"
     source.write_bytes(b"accountId,id\n")
     with pytest.raises(SplitError, match="no records"):
-        split_file(source, FileFormat.CSV, 100, 10, tmp_path)
+        split_file(source, FileFormat.CSV, 100, 10, tmp_path, move=durable_moves)
 
 
 def test_single_part_is_still_a_copy(tmp_path: Path) -> None:
@@ -172,5 +173,5 @@ def test_single_part_is_still_a_copy(tmp_path: Path) -> None:
     source.write_bytes(b"\xef\xbb\xbfaccountId,id\n1,2\n")
     out = tmp_path / "out"
     out.mkdir()
-    [part] = split_file(source, FileFormat.CSV, 1000, 10, out)
+    [part] = split_file(source, FileFormat.CSV, 1000, 10, out, move=durable_moves)
     assert part.name == "users_a_part1of1.csv" and part.read_bytes() == b"accountId,id\n1,2\n"

@@ -17,29 +17,21 @@ from typing import Any
 import paramiko
 import pytest
 
-from agent.config import Config, ConfigError, load_config, parse_config
+from agent.config import Config, ConfigError, load_config
 from agent.ops.keys import write_new_keypair
 from agent.ops.sandbox import SandboxServer
 from agent.pipeline.lifecycle import Lifecycle, iso
 from agent.store.archive import Filer
 from agent.store.journal import FileRecord, FileState, Journal
 from agent.transport.remote_status import Outcome, read_status
+from tests.helpers import configs
 
 pytestmark = pytest.mark.timeout(60)
 REPO = Path(__file__).resolve().parent.parent
 
 
-def make_config(root: Path, extra: dict[str, Any] | None = None, *, port: int = 22) -> Config:
-    data: dict[str, Any] = {
-        "sftp": {"host": "127.0.0.1", "port": port, "username": "test_tenant", "private_key": "keys/id",
-                 "known_hosts": "keys/known_hosts", "remote_dir": "/imports"},
-        "paths": {"drop": "drop", "state_dir": "state", "archive": "archive", "failed": "failed"},
-        **(extra or {}),
-    }
-    config = parse_config(data, root / "agent.toml")
-    for folder in (config.paths.state_dir, config.spool_dir, config.paths.archive, config.paths.failed):
-        folder.mkdir(parents=True, exist_ok=True)
-    return config
+def make_config(root: Path, tables: dict[str, Any] | None = None, *, port: int = 22) -> Config:
+    return configs.make_config(root, tables, port=port, folders=True)
 
 
 # ---------------------------------------------------------------------------- status parsing

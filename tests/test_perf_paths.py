@@ -128,16 +128,15 @@ def test_a_big_drop_folder_is_noticed_a_part_at_a_time(sshd_server: SshdServer, 
         env.drop_atomically(f"users_{index:02d}.csv",
                             f"accountId,id,email\nacct-{index},u{index},u{index}@example.com\n".encode())
     monkeypatch.setattr(service, "NOTICE_LIMIT", limit)
-    agent = service.Agent(load_config(env.config_path))
     waiting: list[int] = []
-    rescan = agent.rescan
+    rescan = service.Agent.rescan
 
-    def counting_rescan() -> None:
-        rescan()
-        waiting.append(agent.settle.pending_count())
+    def counting_rescan(self: service.Agent) -> None:
+        rescan(self)
+        waiting.append(self.settle.pending_count())
 
-    agent.rescan = counting_rescan  # type: ignore[method-assign]
-    agent.settle.refill = counting_rescan
+    monkeypatch.setattr(service.Agent, "rescan", counting_rescan)  # before the wiring takes it
+    agent = service.Agent(load_config(env.config_path))
     assert agent.run_once() == 0
     assert len(env.archived_files()) == count
     assert len(waiting) >= count // limit and max(waiting) <= limit, waiting

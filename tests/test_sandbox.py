@@ -24,6 +24,8 @@ pytest.importorskip("asyncssh", reason="the sandbox needs the [demo] extra")
 
 from agent.ops.sandbox import SandboxServer
 
+pytestmark = pytest.mark.server  # a real server or an agent process
+
 USERNAME = "test_sandbox_user"
 TIMEOUT = 5.0  # seconds, for every network wait
 

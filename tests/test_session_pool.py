@@ -16,7 +16,7 @@ from agent.transport.sftp import SftpSession
 from tests.helpers.servers import ProftpdServer
 from tests.helpers.sshd import SshdServer
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.server, pytest.mark.timeout(60)]  # real servers
 
 
 def sessions(server: SshdServer | ProftpdServer, count: int) -> list[SftpSession]:

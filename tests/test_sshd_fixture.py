@@ -21,7 +21,7 @@ from tests.helpers.sshd import SSHD_MISSING_MESSAGE, KeyKind, SshdNotFoundError,
 from tests.helpers.tcp_proxy import TcpProxy
 
 TIMEOUT = 10.0  # seconds, for every network wait
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.server, pytest.mark.timeout(60)]  # real servers
 
 # what a client may see when its connection is cut, reset or refused
 BROKEN = (OSError, EOFError, paramiko.SSHException)

@@ -25,7 +25,7 @@ import pytest
 
 from tests.helpers.container import SRC, WHEELS, Container, build_wheelhouse, rootfs
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.system, pytest.mark.timeout(900)]
 
 ETC = "/etc/saasquatch-agent"
 LIB = "/var/lib/saasquatch-agent"

@@ -7,7 +7,6 @@ the publish protocol (agent.transport.publish); the sandbox and the paramiko ser
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import socket
@@ -21,16 +20,17 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.config import Config, PathsConfig, SftpConfig
+from agent.config import SftpConfig
 from agent.ops.sandbox import SandboxServer
 from agent.pipeline.upload import Uploader
 from agent.store.archive import Filer
 from agent.store.journal import FileRecord, Journal
 from agent.transport import publish
 from agent.transport.sftp import MAX_WRITE_REQUEST, SFTP_WRITE_CHUNK, SftpSession, server_write_limit
+from tests.helpers.configs import make_config
 from tests.helpers.sshd import SshdServer
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.server, pytest.mark.timeout(60)]  # real servers
 TIMEOUT = 10.0
 PAYLOAD = 1024 * 1024  # a multiple of every request size: WRITE count = PAYLOAD / size
 USERNAME = "test_write_size"
@@ -50,9 +50,7 @@ def make_key(folder: Path) -> tuple[Path, str]:
 
 
 def make_uploader(tmp_path: Path, sftp: SftpConfig) -> tuple[Uploader, Journal, FileRecord]:
-    paths = PathsConfig(drop=tmp_path / "drop", state_dir=tmp_path / "state",
-                        archive=tmp_path / "archive", failed=tmp_path / "failed")
-    config = Config(sftp=sftp, paths=paths)
+    config = make_config(tmp_path, sftp=sftp)
     journal = Journal(tmp_path / "journal.sqlite3")
     source = tmp_path / "payload.bin"
     source.write_bytes(os.urandom(PAYLOAD))
@@ -64,8 +62,8 @@ def send(uploader: Uploader, record: FileRecord, remote: str) -> paramiko.SFTPCl
     """The publish protocol's open, write and close steps for one file (agent.transport.publish)."""
     sftp = uploader.session.client()
     data = Path(record.source_path).read_bytes()
-    record = dataclasses.replace(record, size=len(data), sha256=hashlib.sha256(data).hexdigest())
-    upload = publish.Upload(record, record.source_path, remote, remote + ".final")
+    upload = publish.Upload(record.id, len(data), hashlib.sha256(data).hexdigest(), record.source_path,
+                            remote, remote + ".final")
     pacer = publish.Pacer(lambda: False, lambda: None, 0, lambda _seconds: None)
     publish.open_all(sftp, [upload])
     publish.write_all(sftp, [upload], uploader.session.write_request_size(sftp), pacer)

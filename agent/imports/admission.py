@@ -13,11 +13,18 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from agent.config import ImportsConfig, ImportType, OversizePolicy
 from agent.imports.naming import remote_name
 from agent.imports.quarantine import errors_csv_text, reason_paragraph
 from agent.imports.report import ValidationReport
-from agent.imports.types import FileFormat, Refusal, classify, file_format
+from agent.imports.types import (
+    FileFormat,
+    ImportRules,
+    ImportType,
+    OversizePolicy,
+    Refusal,
+    classify,
+    file_format,
+)
 from agent.imports.validate import validate_file
 
 _PART_SUFFIX = re.compile(r"_part([1-9][0-9]*)of([1-9][0-9]*)(?:\.[A-Za-z]+)?\Z")
@@ -67,7 +74,7 @@ def admit(
     name: str,
     subfolder: str | None,
     digest: str | None,
-    cfg: ImportsConfig,
+    cfg: ImportRules,
     *,
     fallback: ImportType | None = None,
     follow_symlinks: bool = False,
@@ -107,11 +114,11 @@ def admit(
     if digest is None:  # the check did not read the whole file in order: hash it on its own
         digest = file_sha256(path, follow_symlinks)
     when = now or datetime.now(UTC)
+    prefix = cfg.prefixes.for_type(import_type)
     if part is not None:
-        remote = remote_name(import_type, part.original_name, part.original_sha256, when, cfg,
-                             part=(part.k, part.n))
+        remote = remote_name(prefix, part.original_name, part.original_sha256, when, part=(part.k, part.n))
     else:
-        remote = remote_name(import_type, name, digest, when, cfg)
+        remote = remote_name(prefix, name, digest, when)
     return Admission(import_type, remote_name=remote, deletes=report.deletes, report=report,
                      sha256=digest)
 

@@ -15,9 +15,9 @@ from itertools import islice
 from operator import itemgetter
 from typing import Any, BinaryIO, cast
 
-from agent.config import ImportType
 from agent.imports.report import ErrorSink
 from agent.imports.rules import REQUIRED, TYPED, shown
+from agent.imports.types import ImportType
 
 CHUNK = 64 * 1024
 BATCH = 256

@@ -11,9 +11,9 @@ import json
 from decimal import Decimal
 from typing import Any, BinaryIO
 
-from agent.config import ImportType
 from agent.imports.report import ErrorSink
 from agent.imports.rules import REQUIRED, SCALAR_CUSTOM_FIELDS, TYPED, shown
+from agent.imports.types import ImportType
 
 MAX_LINE_BYTES = 1 << 20
 _BOM = b"\xef\xbb\xbf"

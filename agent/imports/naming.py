@@ -13,7 +13,6 @@ import re
 import unicodedata
 from datetime import UTC, datetime
 
-from agent.config import ImportsConfig, ImportType
 from agent.imports.namerules import check_prefix
 from agent.imports.types import FileFormat, Refusal, file_format
 
@@ -42,21 +41,20 @@ def readable_stem(original_name: str, prefix: str) -> str:
 
 
 def remote_name(
-    import_type: ImportType,
+    prefix: str,
     original_name: str,
     sha256_hex: str,
     when: datetime,
-    cfg: ImportsConfig,
     part: tuple[int, int] | None = None,
     *,
     max_length: int = MAX_REMOTE_NAME,
 ) -> str:
     """The remote file name for a file (or part k of n of it); ValueError on unusable input.
 
-    `when` must be timezone-aware (it is written in UTC); `original_name` must end in .csv or
-    .jsonl. For the parts of a split file pass the original file's hash and `part=(k, n)`.
+    `prefix` is the import type's configured prefix (imports.prefixes); `when` must be
+    timezone-aware (it is written in UTC); `original_name` must end in .csv or .jsonl. For the
+    parts of a split file pass the original file's hash and `part=(k, n)`.
     """
-    prefix = cfg.prefixes.for_type(import_type)
     check_prefix(prefix)
     fmt = file_format(original_name)
     if not isinstance(fmt, FileFormat):

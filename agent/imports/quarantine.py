@@ -9,14 +9,10 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from collections.abc import Iterable
-from pathlib import Path
 
-from agent.config import ImportType
 from agent.imports.report import RecordError, ValidationReport
-from agent.imports.types import JOB_TYPES, LABELS, Refusal, display_name
-from agent.store.fsutil import write_durably
+from agent.imports.types import JOB_TYPES, LABELS, ImportType, Refusal, display_name
 
 ERRORS_COLUMNS = ("recordNumber", "field", "message")
 SHOWN_IN_REASON = 3
@@ -42,11 +38,6 @@ def errors_csv_text(errors: Outcome | Iterable[RecordError]) -> str:
     writer.writerow(ERRORS_COLUMNS)
     writer.writerows(_rows(errors))
     return out.getvalue()
-
-
-def write_errors_csv(path: str | os.PathLike[str], errors: Outcome | Iterable[RecordError]) -> None:
-    """Write the errors file atomically (temporary name, fsync, no-replace rename)."""
-    write_durably(Path(path), errors_csv_text(errors))
 
 
 def _which_records(errors: list[RecordError], total: int) -> str:

@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.config import ImportType
-from agent.imports.types import FileFormat
+from agent.imports.types import FileFormat, ImportType
 
 MAX_KEPT_ERRORS = 100
 

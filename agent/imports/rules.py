@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
 
-from agent.config import ImportType
+from agent.imports.types import ImportType
 
 Checker = Callable[[str], str | None]
 

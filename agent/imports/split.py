@@ -4,7 +4,8 @@ Records are copied byte for byte, never re-written by a CSV writer. A CSV record
 physical lines the csv module reads for it, so a quoted newline never cuts a record and the
 boundaries are exactly the ones validation saw. CSV parts repeat the header; all parts are UTF-8
 without a BOM. Blank lines are not records and are dropped. Parts are written under temporary
-names, fsynced, and renamed to `<stem>_part<k>of<n><ext>` once n is known.
+names, fsynced, and moved to `<stem>_part<k>of<n><ext>` once n is known, by the durable no-replace
+move the caller passes (agent.store.fsutil.durable_moves): the rules know no file store.
 """
 
 from __future__ import annotations
@@ -13,19 +14,22 @@ import csv
 import io
 import os
 import tempfile
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
+from agent.errors import AgentError
 from agent.imports.types import FileFormat
-from agent.store.fsutil import fsync_dir, place
 
 _BOM = b"\xef\xbb\xbf"
+# moves (source, destination) that never replace a name, then fsyncs the folders; per move None
+# when done, else the OSError that stopped it (agent.store.fsutil.durable_moves)
+MoveAll = Callable[[Sequence[tuple[Path, Path]]], Sequence[OSError | None]]
 _MAX_STEM_BYTES = 150
 
 
-class SplitError(Exception):
+class SplitError(AgentError):
     """The file cannot be split within the limits (e.g. one record alone is too large)."""
 
 
@@ -141,13 +145,14 @@ def split_file(
     max_records: int,
     out_dir: str | os.PathLike[str],
     *,
+    move: MoveAll,
     name: str | None = None,
 ) -> list[Path]:
     """Split `path` into parts in `out_dir` (k of n, in order), each at most `max_bytes` bytes and
     `max_records` records; their records joined equal the original's. Always writes copies, even
     when one part suffices; never changes `path`. Parts are named after `name` (default: the
-    path's own name). Raises SplitError when a record cannot fit and FileExistsError when a part
-    name is already taken; on any error no part is left behind."""
+    path's own name) and put in place by `move`. Raises SplitError when a record cannot fit and
+    FileExistsError when a part name is already taken; on any error no part is left behind."""
     source = Path(path)
     folder = Path(out_dir)
     with _packing(source, fmt, max_bytes, max_records, folder) as (writer, records):
@@ -162,13 +167,14 @@ def split_file(
             taken = [final for final in finals if os.path.lexists(final)]
             if taken:
                 raise FileExistsError(f"split part already exists: {taken[0]}")
-            for temp, final in zip(writer.temps, finals, strict=True):
-                place(temp, final)
-                writer.renamed.append(final)
+            errors = move(list(zip(writer.temps, finals, strict=True)))
+            writer.renamed = [final for final, error in zip(finals, errors, strict=True) if error is None]
+            failure = next((error for error in errors if error is not None), None)
+            if failure is not None:
+                raise failure
         except BaseException:
             writer.discard()
             raise
-    fsync_dir(folder)
     return finals
 
 

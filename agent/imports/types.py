@@ -13,8 +13,61 @@ from __future__ import annotations
 import unicodedata
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Protocol
 
-from agent.config import ImportsConfig, ImportType
+MAX_FILE_BYTES = 100 * 1024 * 1024  # SaaSquatch's limit per file (imports.max_file_bytes default)
+MAX_RECORDS = 500_000  # imports.max_records default
+
+
+class ImportType(StrEnum):
+    USERS = "users"
+    USER_EVENTS = "user_events"
+    DELETE_USERS = "delete_users"
+    REWARD_REDEMPTIONS = "reward_redemptions"
+
+
+class OversizePolicy(StrEnum):
+    SPLIT = "split"
+    REFUSE = "refuse"
+
+
+class NamesByType(Protocol):
+    """One configured name per import type (prefixes, drop/ folders)."""
+
+    def for_type(self, import_type: ImportType) -> str: ...
+
+
+class Limits(Protocol):
+    """The per-file limits a file is checked against."""
+
+    @property
+    def max_file_bytes(self) -> int: ...
+
+    @property
+    def max_records(self) -> int: ...
+
+
+class ImportRules(Limits, Protocol):
+    """What the import rules read of the configuration ([imports]; `agent.config.ImportsConfig` is
+    one). A protocol, so the rules never import the configuration module."""
+
+    @property
+    def prefixes(self) -> NamesByType: ...
+
+    @property
+    def folders(self) -> NamesByType: ...
+
+    @property
+    def deletion_guard(self) -> bool: ...
+
+    @property
+    def oversize(self) -> OversizePolicy: ...
+
+
+@dataclass(frozen=True)
+class DefaultLimits:
+    max_file_bytes: int = MAX_FILE_BYTES
+    max_records: int = MAX_RECORDS
 
 JOB_TYPES: dict[ImportType, str] = {
     ImportType.USERS: "MUTATION/USER",
@@ -82,7 +135,7 @@ def display_name(name: str, limit: int = 200) -> str:
     return shown if len(shown) <= limit else shown[: limit - 3] + "..."
 
 
-def accepted_summary(cfg: ImportsConfig) -> str:
+def accepted_summary(cfg: ImportRules) -> str:
     """One sentence listing the accepted prefixes and folders (used in refusals)."""
     prefixes = ", ".join(f"{cfg.prefixes.for_type(t)}_ ({LABELS[t]})" for t in ImportType)
     folders = ", ".join(f"drop/{cfg.folders.for_type(t)}/" for t in ImportType)
@@ -110,7 +163,7 @@ def file_format(file_name: str) -> FileFormat | Refusal:
     )
 
 
-def type_by_prefix(file_name: str, cfg: ImportsConfig) -> ImportType | Refusal | None:
+def type_by_prefix(file_name: str, cfg: ImportRules) -> ImportType | Refusal | None:
     """The type whose prefix the name starts with (longest wins), None when none does."""
     lower = file_name.lower()
     best: list[tuple[int, ImportType]] = []
@@ -131,7 +184,7 @@ def type_by_prefix(file_name: str, cfg: ImportsConfig) -> ImportType | Refusal |
     return best[0][1]
 
 
-def type_by_folder(subfolder: str, cfg: ImportsConfig) -> ImportType | None:
+def type_by_folder(subfolder: str, cfg: ImportRules) -> ImportType | None:
     """The type of a drop/ subfolder (exact name, as created by the agent), None if unknown."""
     matches = [t for t in ImportType if cfg.folders.for_type(t) == subfolder]
     return matches[0] if len(matches) == 1 else None
@@ -140,7 +193,7 @@ def type_by_folder(subfolder: str, cfg: ImportsConfig) -> ImportType | None:
 def classify(
     file_name: str,
     subfolder: str | None,
-    cfg: ImportsConfig,
+    cfg: ImportRules,
     *,
     fallback: ImportType | None = None,
 ) -> Classification:

@@ -14,12 +14,11 @@ import stat
 from pathlib import Path
 from typing import BinaryIO, cast
 
-from agent.config import ImportsConfig, ImportType
 from agent.imports.csvcheck import check_csv
 from agent.imports.hashing import HashingReader, HashObject
 from agent.imports.jsonlcheck import check_jsonl
 from agent.imports.report import MAX_KEPT_ERRORS, ErrorSink, RecordError, ValidationReport
-from agent.imports.types import FileFormat, Refusal, file_format
+from agent.imports.types import DefaultLimits, FileFormat, ImportType, Limits, Refusal, file_format
 
 SNIFF_BYTES = 64 * 1024
 
@@ -35,16 +34,26 @@ _SIGNATURES = (
 __all__ = ["RecordError", "ValidationReport", "validate_file"]
 
 
-def _kind(mode: int) -> str | None:
+_KINDS = ((stat.S_ISLNK, "link"), (stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "fifo"),
+          (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "device"), (stat.S_ISBLK, "device"))
+_NOT_READ = {
+    "directory": "is a directory, not a file",
+    "fifo": "is a FIFO (named pipe), not a file; it was not read",
+    "device": "is a device, not a file; it was not read",
+}
+
+
+def entry_kind(mode: int) -> str | None:
+    """None for a regular file, else what the entry is: link, directory, fifo, socket, device or
+    other (one reading of st_mode for the validator and intake; each says it in its own words)."""
     if stat.S_ISREG(mode):
         return None
-    if stat.S_ISDIR(mode):
-        return "is a directory, not a file"
-    if stat.S_ISFIFO(mode):
-        return "is a FIFO (named pipe), not a file; it was not read"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "is a device, not a file; it was not read"
-    return "is not a regular file; it was not read"
+    return next((kind for test, kind in _KINDS if test(mode)), "other")
+
+
+def _kind(mode: int) -> str | None:
+    kind = entry_kind(mode)
+    return None if kind is None else _NOT_READ.get(kind, "is not a regular file; it was not read")
 
 
 def open_regular(path: str | os.PathLike[str], follow_symlinks: bool = False) -> io.FileIO | str:
@@ -89,7 +98,7 @@ def sniff_problem(head: bytes, size: int) -> str | None:
 def validate_file(
     path: str | os.PathLike[str],
     import_type: ImportType,
-    cfg: ImportsConfig | None = None,
+    cfg: Limits | None = None,
     *,
     fmt: FileFormat | None = None,
     follow_symlinks: bool = False,
@@ -104,7 +113,7 @@ def validate_file(
     Reads the file once, in constant memory. Never raises for bad content: every problem becomes a
     RecordError in the report. Raises OSError only for I/O trouble other than the refusals above.
     """
-    cfg = cfg or ImportsConfig()
+    cfg = cfg or DefaultLimits()
     sink = ErrorSink(max_errors)
     size = 0
     records = 0

@@ -8,7 +8,6 @@ folders are never followed or read, and each is warned about once.
 from __future__ import annotations
 
 import os
-import stat
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,6 +16,8 @@ from loguru import logger
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
+
+from agent.imports.validate import entry_kind
 
 TEMPORARY_SUFFIXES = (".tmp", ".part", "~")
 MOVE_PAIRING_SECONDS = 0.02
@@ -40,19 +41,18 @@ def is_ignored_name(name: str) -> bool:
     return name.startswith(".") or name.lower().endswith(TEMPORARY_SUFFIXES)
 
 
+_NOT_TAKEN = {
+    "link": "is a symbolic link; links are never followed",
+    "directory": "is a folder that is not an import-type folder; it is not looked into",
+    "fifo": "is a FIFO; only regular files are read",
+    "socket": "is a socket; only regular files are read",
+}
+
+
 def entry_problem(mode: int) -> str | None:
     """Why an entry must not be read, or None for a regular file."""
-    if stat.S_ISREG(mode):
-        return None
-    if stat.S_ISLNK(mode):
-        return "is a symbolic link; links are never followed"
-    if stat.S_ISDIR(mode):
-        return "is a folder that is not an import-type folder; it is not looked into"
-    if stat.S_ISFIFO(mode):
-        return "is a FIFO; only regular files are read"
-    if stat.S_ISSOCK(mode):
-        return "is a socket; only regular files are read"
-    return "is a device; only regular files are read"
+    kind = entry_kind(mode)
+    return None if kind is None else _NOT_TAKEN.get(kind, "is a device; only regular files are read")
 
 
 Candidate = tuple[Path, str | None]  # the path and the import-type subfolder it lies in

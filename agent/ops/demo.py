@@ -7,11 +7,12 @@ import os
 import secrets
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 
-from agent.config import load_config
+from agent.config import Config, load_config
 from agent.logs import setup_logging
 from agent.ops.keys import write_new_keypair
 from agent.store.journal import FileState, Journal
@@ -35,11 +36,12 @@ SAMPLES = {
 }
 
 
-def run_demo(keep: bool = False, transport: str = "sftp") -> int:
+def run_demo(run_once: Callable[[Config], object], keep: bool = False, transport: str = "sftp") -> int:
+    """The sample files through `run_once` (the agent's `run --once`, passed in by the CLI: the
+    operator commands sit below the service) against a sandbox server; 0 when all went as expected."""
     if transport == "api":
-        return run_api_demo(keep)
+        return run_api_demo(run_once, keep)
     from agent.ops.sandbox import SandboxServer  # needs the optional `demo` extra
-    from agent.service import Agent
 
     root = Path(tempfile.mkdtemp(prefix="saasquatch-agent-demo-"))
     try:
@@ -64,7 +66,7 @@ def run_demo(keep: bool = False, transport: str = "sftp") -> int:
             for name, text in SAMPLES.items():
                 (config.paths.drop / name).write_text(text)
             click.echo(f"sandbox SFTP server on {server.host}:{server.port}, files under {root}")
-            Agent(config).run_once()
+            run_once(config)
         finally:
             server.stop()
         return _report(config.journal_path, server_root=root / "sftp-server")
@@ -100,11 +102,10 @@ def _report(journal_path: Path, server_root: Path) -> int:
     return 1
 
 
-def run_api_demo(keep: bool = False) -> int:
+def run_api_demo(run_once: Callable[[Config], object], keep: bool = False) -> int:
     """The same flow over the API route, against a local HTTPS stand-in for SaaSquatch's import API
     (agent/ops/api_sandbox.py; its CA is made now and trusted through api.ca_file)."""
     from agent.ops.api_sandbox import ApiSandbox
-    from agent.service import Agent
 
     root = Path(tempfile.mkdtemp(prefix="saasquatch-agent-demo-api-"))
     try:
@@ -133,7 +134,7 @@ def run_api_demo(keep: bool = False) -> int:
                 (config.paths.drop / name).write_text(text)
             click.echo(f"sandbox of SaaSquatch's import API on {server.base_url} (HTTPS, a CA made for the"
                        f" demo), files under {root}")
-            Agent(config).run_once()
+            run_once(config)
         finally:
             server.stop()
         return _report_api(config.journal_path, set(server.jobs))

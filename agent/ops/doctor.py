@@ -23,6 +23,7 @@ from pathlib import Path
 import paramiko
 
 from agent.config import Config, SftpConfig, Transport
+from agent.errors import AgentError
 from agent.ops.trust import TrustError, fetch_host_key, known_keys
 from agent.transport.sftp import (
     LIMITS_EXTENSION,
@@ -65,7 +66,9 @@ class Result:
     fix: str = ""
 
 
-class _Failed(Exception):
+class _Failed(AgentError):
+    """A check failed: what was found and how to fix it."""
+
     def __init__(self, detail: str, fix: str) -> None:
         super().__init__(detail)
         self.detail = detail

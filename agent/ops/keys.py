@@ -9,9 +9,25 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from agent.errors import AgentError
+
+
+class KeygenError(AgentError):
+    """The key pair cannot be written (an existing key is never overwritten)."""
+
 
 def write_new_keypair(path: Path, comment: str | None = None) -> str:
-    """Write PATH (mode 0600, OpenSSH format, no passphrase) and PATH.pub; return the public line."""
+    """Write PATH (mode 0600, OpenSSH format, no passphrase) and PATH.pub; return the public line.
+    KeygenError when PATH exists or cannot be written."""
+    try:
+        return _write_new_keypair(path, comment)
+    except FileExistsError:
+        raise KeygenError(f"{path} already exists; not overwriting a key") from None
+    except OSError as exc:
+        raise KeygenError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def _write_new_keypair(path: Path, comment: str | None) -> str:
     key = Ed25519PrivateKey.generate()
     private = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()

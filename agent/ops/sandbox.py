@@ -38,6 +38,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         name="asyncssh",
     ) from exc
 
+from agent.errors import AgentError
+
 __all__ = ["SandboxError", "SandboxFaults", "SandboxServer"]
 
 HOST = "127.0.0.1"
@@ -50,7 +52,7 @@ _T = TypeVar("_T")
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
-class SandboxError(RuntimeError):
+class SandboxError(AgentError, RuntimeError):
     """The sandbox server could not start or stop."""
 
 

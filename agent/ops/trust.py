@@ -18,11 +18,12 @@ from pathlib import Path
 import paramiko
 
 from agent.config import SftpConfig
+from agent.errors import AgentError
 from agent.store.fsutil import place
 from agent.transport.sftp import known_hosts_name, proxy_sock
 
 
-class TrustError(Exception):
+class TrustError(AgentError):
     """The host key could not be fetched or written; the message says why."""
 
 
@@ -92,7 +93,15 @@ def _entry_matches(line: str, name: str) -> bool:
 
 
 def write_known_host(path: Path, info: HostKeyInfo, hashed: bool = False) -> None:
-    """Replace every entry for info.name by one line with info.key; atomic, keeps other lines."""
+    """Replace every entry for info.name by one line with info.key; atomic, keeps other lines.
+    TrustError when it cannot be written."""
+    try:
+        _write_known_host(path, info, hashed)
+    except OSError as exc:
+        raise TrustError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def _write_known_host(path: Path, info: HostKeyInfo, hashed: bool) -> None:
     lines: list[str] = []
     mode = 0o644
     if path.exists():

@@ -16,8 +16,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from agent.config import Config, ImportType
+from agent.config import Config
+from agent.errors import AgentError
 from agent.imports.naming import remote_name
+from agent.imports.types import ImportType
 from agent.logs import escape_controls
 from agent.store.fsutil import durable_move
 from agent.store.journal import FileRecord, FileState, Journal, spool_name
@@ -27,7 +29,7 @@ _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 RETRYABLE = (FileState.FAILED, FileState.STALE)
 
 
-class OpsError(Exception):
+class OpsError(AgentError):
     """An operator request that cannot be done; the message says why and what to do."""
 
 
@@ -213,10 +215,10 @@ def retry(config: Config, journal: Journal, key: str) -> FileRecord:
     else:
         size, sha256 = _sha256(local)
     when = datetime.now(UTC)
-    new_name = remote_name(ImportType(import_type), record.name, sha256, when, config.imports)
+    prefix = config.imports.prefixes.for_type(ImportType(import_type))
+    new_name = remote_name(prefix, record.name, sha256, when)
     if new_name == record.remote_name:  # the same second as the first attempt: never reuse a name
-        new_name = remote_name(ImportType(import_type), record.name, sha256, when + timedelta(seconds=1),
-                               config.imports)
+        new_name = remote_name(prefix, record.name, sha256, when + timedelta(seconds=1))
     os.makedirs(config.spool_dir, exist_ok=True)
     record = journal.update(
         record.id, pending_path=spool, pending_state=FileState.QUEUED, remote_name=new_name,

@@ -74,24 +74,43 @@ class _Changed(Exception):
     """The bytes read are not the checked ones: nothing may be started from them."""
 
 
+def _nothing() -> None:
+    return None
+
+
+def _ignore(_record: FileRecord) -> None:
+    return None
+
+
+def _unchanged(record: FileRecord) -> FileRecord:
+    return record
+
+
 class ApiUploader:
     """One attempt at one file's next step(s); the upload threads (UploadWorker) call `process`."""
 
-    def __init__(self, config: Config, journal: Journal, filer: Filer) -> None:
+    def __init__(self, config: Config, journal: Journal, filer: Filer, *,
+                 after_archive: Callable[[FileRecord], FileRecord] = _unchanged,
+                 on_changed: Callable[[FileRecord], None] = _ignore,
+                 on_stale: Callable[[FileRecord], None] = _ignore,
+                 on_published: Callable[[FileRecord, float], None] | None = None,
+                 heartbeat: Callable[[], None] = _nothing) -> None:
+        """`journal` must hand out API_SENDABLE_STATES (service.Agent builds it so). Hooks: compress
+        (lifecycle), intake's check of a changed file, notify.command ("stale"), metrics, the
+        systemd watchdog ping."""
         self.config = config
         self.cfg = config.api
         self.journal = journal
         self.filer = filer
         self.stop_requested = threading.Event()
-        self.heartbeat: Callable[[], None] = _nothing  # systemd watchdog ping (service._start)
-        self.on_published: Callable[[FileRecord, float], None] | None = None  # metrics: upload seconds
-        self.on_changed: Callable[[FileRecord], None] = _ignore  # intake checks a changed file again
-        self.on_stale: Callable[[FileRecord], None] = _ignore  # notify.command ("stale")
-        self.after_archive: Callable[[FileRecord], FileRecord] = _unchanged  # compress (lifecycle)
+        self.heartbeat = heartbeat
+        self.on_published = on_published
+        self.on_changed = on_changed
+        self.on_stale = on_stale
+        self.after_archive = after_archive
         self._api: ImportApi | None = None
         self._api_lock = threading.Lock()
         self._hold_until = 0.0  # after a connection fault or a refused key every file waits (time.time())
-        journal.sendable_states = API_SENDABLE_STATES
 
     # ------------------------------------------------------------------ what UploadWorker calls
 
@@ -383,14 +402,3 @@ def _describe(exc: BaseException) -> str:
         return f"{exc.strerror} ({type(exc).__name__})"
     return f"{str(exc) or type(exc).__name__} ({type(exc).__name__})"
 
-
-def _nothing() -> None:
-    return None
-
-
-def _ignore(_record: FileRecord) -> None:
-    return None
-
-
-def _unchanged(record: FileRecord) -> FileRecord:
-    return record

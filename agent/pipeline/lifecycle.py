@@ -29,10 +29,9 @@ from loguru import logger
 
 from agent.config import Config, RemoteResults, StatusMode, Transport
 from agent.pipeline.notify import Notifier
-from agent.pipeline.upload import Uploader
 from agent.store.archive import SERVER_INFIX, Filer
 from agent.store.fsutil import copy_bytes, durable_writer, fsync_dir, rewrite_durably, write_bytes_durably
-from agent.store.journal import SENDING_STATES, FileRecord, FileState, Journal
+from agent.store.journal import FileRecord, FileState, Journal
 from agent.transport.remote_status import (
     MAX_STATUS_BYTES,
     Outcome,
@@ -69,28 +68,29 @@ def server_file_path(dest: Path, remote_file: str) -> Path:
 
 
 class Lifecycle:
-    """Installs the after-upload policy on the upload path and runs the jobs that follow a file."""
+    """The after-upload policy (`after_upload`, `compress`: hooks agent.service gives the uploader)
+    and the jobs that follow a file.
 
-    def __init__(self, config: Config, journal: Journal, filer: Filer,
-                 uploader: Uploader | None = None) -> None:
+    `pool`: the upload threads' sessions; the poll's own session joins them, so a server that allows
+    one connection per user is never asked for a second one by the poll (None: its own session).
+    `notifier`: the notify.command hook (default: one of its own).
+    """
+
+    def __init__(self, config: Config, journal: Journal, filer: Filer, *,
+                 notifier: Notifier | None = None, pool: SessionPool | None = None) -> None:
         self.config = config
         self.journal = journal
         self.filer = filer
-        self.notifier = Notifier(config.notify)
+        self.notifier = notifier or Notifier(config.notify)
         # the status poll's own session (the SFTP route only; the API route follows its jobs itself)
         self.session = SftpSession(config.sftp) if config.upload.transport == Transport.SFTP else None
-        self.pool: SessionPool | None = None  # share_connections(): poll over the upload connections
+        self.pool = pool
+        if pool is not None and self.session is not None:
+            pool.add(self.session)
         self._archive_lock = threading.Lock()  # the compress and retention jobs never overlap
-        filer.on_failed = self._notify_failed
-        if config.status.tracking:
-            journal.sendable_states = SENDING_STATES
         self._stopping = threading.Event()
-        if uploader is not None:
-            uploader.after_upload = self.after_upload
-            uploader.archive_on_publish = not config.status.tracking  # the batch path files at once
-            uploader.after_archive = self.compress
 
-    # ------------------------------------------------------------------ the upload path's hook
+    # ------------------------------------------------------------------ the upload path's hooks
 
     def after_upload(self, record: FileRecord) -> FileRecord:
         """Called by the uploader once a file is published and verified (state `uploaded`)."""
@@ -99,9 +99,6 @@ class Lifecycle:
                         ", ".join(mode.value for mode in self.config.status.mode))
             return record
         return self.compress(self.filer.archive(record))
-
-    def _notify_failed(self, record: FileRecord) -> None:
-        self.notifier.submit(record, "failed")
 
     # ------------------------------------------------------------------ jobs
 
@@ -127,13 +124,6 @@ class Lifecycle:
     def tracked(self) -> list[FileRecord]:
         return [r for r in self.journal.unfinished()
                 if r.state in _RANK and not r.pending_path and r.remote_name]
-
-    def share_connections(self, pool: SessionPool) -> None:
-        """Poll over the upload threads' connections (the poll's session joins the pool): a server
-        that allows one connection per user is never asked for a second one by the poll."""
-        if self.session is not None:
-            pool.add(self.session)
-        self.pool = pool
 
     def poll(self) -> None:
         """One status poll: one listing per folder, then each tracked file moves on (or not)."""

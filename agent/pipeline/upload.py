@@ -24,13 +24,14 @@ import paramiko
 from loguru import logger
 
 from agent.config import Config, ImportType
+from agent.errors import AgentError, Fault, classify
 from agent.imports.naming import readable_stem
 from agent.store.adopt import find_published
 from agent.store.archive import Filer
 from agent.store.journal import FINAL_STATES, FileRecord, FileState, Journal
 from agent.transport import pipelining as sftp_batch
 from agent.transport import publish
-from agent.transport.sftp import ConnectError, PrivateKeyError, SftpSession, remote_size
+from agent.transport.sftp import SftpSession, remote_size
 
 LOCAL_FAULT_PAUSE_SECONDS = 5.0
 BATCH_FILE_MAX_BYTES = 256 * 1024  # files up to this size are sent together (upload.batch_files)
@@ -38,12 +39,14 @@ BATCH_MAX_BYTES = 4 * 1024 * 1024  # bytes of one batch in flight at most
 TEMP_STEM_CHARS = 60  # of the readable stem in a temporary name ({stem})
 
 
-class PermanentUploadError(Exception):
+class PermanentUploadError(AgentError):
     """Retrying cannot fix this; the file goes to failed/ with this message."""
 
 
-class TransientUploadError(Exception):
+class TransientUploadError(AgentError):
     """The server did not take this file this time (its words in the message); sent again later."""
+
+    retryable = True
 
 
 def legacy_temporary_name(remote_name: str) -> str:
@@ -57,8 +60,40 @@ def backoff_delay(attempts: int, initial: float, cap: float) -> float:
     return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
+def _no_heartbeat() -> None:
+    return None
+
+
+def _ignore(_record: FileRecord) -> None:
+    return None
+
+
+def _ignore_timing(_record: FileRecord, _seconds: float) -> None:
+    return None
+
+
+def _unchanged(record: FileRecord) -> FileRecord:
+    return record
+
+
 class Uploader:
-    def __init__(self, config: Config, journal: Journal, filer: Filer, session: SftpSession) -> None:
+    """Publishes files; what follows a published file comes in as hooks (wired in agent.service).
+
+    `after_upload`: what follows a verified upload (default: archive it), e.g. leave it to the
+    status job (agent.pipeline.lifecycle). `archive_on_publish`: with no status tracking, "uploaded"
+    and the archive intent are one commit and the files are filed together; `after_archive` then
+    runs per file (compress). `on_changed`: a file whose bytes changed after the check (intake
+    checks it again once it is stable). `on_published`: each file's upload seconds (metrics).
+    `heartbeat`: the systemd watchdog ping, called while progress is made.
+    """
+
+    def __init__(self, config: Config, journal: Journal, filer: Filer, session: SftpSession, *,
+                 after_upload: Callable[[FileRecord], FileRecord] | None = None,
+                 archive_on_publish: bool = True,
+                 after_archive: Callable[[FileRecord], FileRecord] = _unchanged,
+                 on_changed: Callable[[FileRecord], None] = _ignore,
+                 on_published: Callable[[FileRecord, float], None] = _ignore_timing,
+                 heartbeat: Callable[[], None] = _no_heartbeat) -> None:
         self.config = config
         self.journal = journal
         self.filer = filer
@@ -66,16 +101,12 @@ class Uploader:
         self._local = threading.local()  # upload.concurrency: each worker thread binds its own session
         self.stop_requested = threading.Event()
         self._connection_retry_at = 0.0
-        self.heartbeat: Callable[[], None] = _no_heartbeat  # systemd watchdog ping: progress is made
-        # what follows a verified upload: archive now, or leave it to the status job (pipeline.lifecycle)
-        self.after_upload: Callable[[FileRecord], FileRecord] = filer.archive
-        self.on_published: Callable[[FileRecord, float], None] | None = None  # metrics: upload seconds
-        # with no status tracking, "uploaded" and the archive intent are one commit and the files are
-        # filed together; after_archive then runs per file (compress)
-        self.archive_on_publish = True
-        self.after_archive: Callable[[FileRecord], FileRecord] = _unchanged
-        # a file whose bytes changed after the check: intake checks it again once it is stable
-        self.on_changed: Callable[[FileRecord], None] = _ignore
+        self.heartbeat = heartbeat
+        self._after_upload = after_upload or filer.archive
+        self._archive_on_publish = archive_on_publish
+        self._after_archive = after_archive
+        self._on_changed = on_changed
+        self._on_published = on_published
 
     @property
     def session(self) -> SftpSession:
@@ -136,7 +167,7 @@ class Uploader:
         for record in records:
             with logger.contextualize(file_id=record.id, file=record.name):
                 if record.state == FileState.UPLOADED:
-                    results[record.id] = self.after_upload(record)
+                    results[record.id] = self._after_upload(record)
                     continue
                 if record.state not in (FileState.UPLOADING, FileState.PUBLISHING):
                     earlier = self._published_before(listing, record) if listing is not None else None
@@ -182,11 +213,11 @@ class Uploader:
         """The publish protocol for these files (transport.publish), each step for all of them at once."""
         sftp = self._client()
         started = time.monotonic()
-        uploads = [publish.Upload(record, record.local_path, self.temp_path(record), self.final_path(record))
-                   for record in records]
-        self.journal.update_many([(upload.record.id, f"sending to {upload.final}",
-                                   {"state": FileState.UPLOADING}) for upload in uploads
-                                  if upload.record.state != FileState.UPLOADING], fetch=False)
+        uploads = [self._upload(record) for record in records]
+        rows = {record.id: record for record in records}
+        self.journal.update_many([(record.id, f"sending to {self.final_path(record)}",
+                                   {"state": FileState.UPLOADING}) for record in records
+                                  if record.state != FileState.UPLOADING], fetch=False)
         pacer = publish.Pacer(self.stop_requested.is_set, self.heartbeat, self.config.sftp.bandwidth_limit,
                               self.stop_requested.wait)
         publish.open_all(sftp, uploads)
@@ -196,7 +227,7 @@ class Uploader:
         self.heartbeat()
         self._check_stop()
         complete = [upload for upload in uploads if upload.complete]
-        self.journal.update_many([(upload.record.id, f"renaming to {upload.final}",
+        self.journal.update_many([(upload.file_id, f"renaming to {upload.final}",
                                    {"state": FileState.PUBLISHING}) for upload in complete], fetch=False)
         published = []
         for upload, error in zip(complete, sftp_batch.renames(sftp, [(u.temp, u.final) for u in complete]),
@@ -207,17 +238,22 @@ class Uploader:
                 upload.error, upload.step = error, "rename"
         elapsed = time.monotonic() - started
         for upload in published:
-            record = upload.record
+            record = rows[upload.file_id]
             logger.bind(file_id=record.id, file=record.name).info(
                 "{} uploaded as {} ({} bytes in {:.2f} s{})", record.label, upload.final, record.size,
                 elapsed, f", {len(uploads)} sent together" if len(uploads) > 1 else "")
-            if self.on_published is not None:  # metrics: each file's share of the batch's time
-                self.on_published(record, elapsed / len(published))
-        self._finish([(upload.record, f"published as {upload.final}") for upload in published], results)
+            self._on_published(record, elapsed / len(published))  # each file's share of the batch's time
+        self._finish([(rows[upload.file_id], f"published as {upload.final}") for upload in published],
+                     results)
         for upload in uploads:
-            if upload.record.id not in results:
-                with logger.contextualize(file_id=upload.record.id, file=upload.record.name):
-                    results[upload.record.id] = self._not_published(sftp, upload)
+            if upload.file_id not in results:
+                with logger.contextualize(file_id=upload.file_id, file=rows[upload.file_id].name):
+                    results[upload.file_id] = self._not_published(sftp, upload)
+
+    def _upload(self, record: FileRecord) -> publish.Upload:
+        """The protocol's view of a row: its id, the checked size and SHA-256, the local and remote paths."""
+        return publish.Upload(record.id, int(record.size or 0), str(record.sha256), record.local_path,
+                              self.temp_path(record), self.final_path(record))
 
     def _finish(self, published: list[tuple[FileRecord, str]], results: dict[int, FileRecord]) -> None:
         """Record files as uploaded; with no status tracking, together with the archive intent (one
@@ -225,11 +261,11 @@ class Uploader:
         if not published:
             return
         done: dict[str, Any] = {"state": FileState.UPLOADED, "error": None}
-        if not self.archive_on_publish:
+        if not self._archive_on_publish:
             for record in self.journal.update_many([(record.id, message, done)
                                                     for record, message in published]):
                 with logger.contextualize(file_id=record.id, file=record.name):
-                    results[record.id] = self.after_upload(record)
+                    results[record.id] = self._after_upload(record)
             return
         batch = self.journal.update_many([
             (record.id, message, {**done, "pending_path": self.filer.archive_destination(record),
@@ -238,11 +274,11 @@ class Uploader:
             logger.bind(file_id=record.id, file=record.name).info(
                 "{} archived to {}", record.label, record.local_path)
             with logger.contextualize(file_id=record.id, file=record.name):
-                results[record.id] = self.after_archive(record)
+                results[record.id] = self._after_archive(record)
 
     def _not_published(self, sftp: paramiko.SFTPClient, upload: publish.Upload) -> FileRecord:
         """What happens to a file the protocol did not publish: checked again, refused, or retried."""
-        record = self.journal.get(upload.record.id)
+        record = self.journal.get(upload.file_id)
         if upload.changed is not None:
             return self._changed(record, upload.changed)
         if upload.unreadable is not None:
@@ -282,7 +318,7 @@ class Uploader:
         record = self.journal.update(
             record.id, state=FileState.CLAIMED, error=None, next_attempt_at=None,
             message=f"changed after it was taken ({why}); checking it again")
-        self.on_changed(record)
+        self._on_changed(record)
         return record
 
     def _check_stop(self) -> None:
@@ -326,27 +362,25 @@ class Uploader:
         return None
 
     def _client(self) -> paramiko.SFTPClient:
-        try:
-            return self.session.client()
-        except PrivateKeyError as exc:
-            raise ConnectError(str(exc)) from None
+        return self.session.client()
 
     def _fault(self, record: FileRecord, exc: BaseException) -> FileRecord:
-        """A refusal goes to failed/; anything else is retried later."""
-        if isinstance(exc, PermanentUploadError):
+        """A refusal goes to failed/; anything else is retried later (agent.errors.classify)."""
+        fault = classify(exc)
+        if fault is Fault.REFUSE:
             return self.filer.quarantine(self.journal.get(record.id), str(exc))
-        return self._retry_later(record, exc)
+        return self._retry_later(record, exc, fault)
 
-    def _retry_later(self, record: FileRecord, exc: BaseException) -> FileRecord:
-        if not isinstance(exc, (ConnectError, TransientUploadError)):
+    def _retry_later(self, record: FileRecord, exc: BaseException, fault: Fault) -> FileRecord:
+        if fault in (Fault.RESET, Fault.STOPPING):
             self.session.drop()  # the connection may be in any state after a fault mid-operation
-        reason = _describe_fault(exc)
+        reason = _describe_fault(exc, fault)
         attempts = record.attempts + 1
         delay = backoff_delay(attempts, self.config.retry.initial_delay_seconds,
                               self.config.retry.max_delay_seconds)
-        if isinstance(exc, ConnectError):
+        if fault is Fault.CONNECTION:
             self._connection_retry_at = time.time() + delay
-        if isinstance(exc, InterruptedError):
+        if fault is Fault.STOPPING:
             delay = 0.0
         logger.warning("{} not uploaded (attempt {}): {}; retrying in {:.1f} s", record.label, attempts,
                        reason, delay)
@@ -358,20 +392,8 @@ class Uploader:
         return max(0.0, self._connection_retry_at - time.time())
 
 
-def _no_heartbeat() -> None:
-    return None
-
-
-def _ignore(_record: FileRecord) -> None:
-    return None
-
-
-def _unchanged(record: FileRecord) -> FileRecord:
-    return record
-
-
-def _describe_fault(exc: BaseException) -> str:
-    if isinstance(exc, (ConnectError, InterruptedError, TransientUploadError)):
+def _describe_fault(exc: BaseException, fault: Fault) -> str:
+    if fault is not Fault.RESET:  # the agent's own words (or the stop's)
         return str(exc)
     if isinstance(exc, OSError) and exc.strerror:
         return f"{exc.strerror} ({type(exc).__name__})"

@@ -9,7 +9,7 @@ from typing import Protocol
 
 from loguru import logger
 
-from agent.config import Config
+from agent.config import Config, SftpConfig
 from agent.pipeline.upload import BATCH_FILE_MAX_BYTES, BATCH_MAX_BYTES, LOCAL_FAULT_PAUSE_SECONDS, Uploader
 from agent.store.journal import FileRecord, FileState, Journal
 from agent.transport.session_pool import SessionPool
@@ -37,10 +37,13 @@ class UploadWorker:
 
     Each thread takes the oldest due file that no other thread holds: `_take` asks the journal with
     the held ids excluded and adds the answer to them under one lock, so a file is handed to exactly
-    one thread at a time. Thread 1 uses the uploader's session; the others open their own.
+    one thread at a time. Each borrows a session from `sessions` per file or batch (default: the
+    uploader's session and `concurrency - 1` more). `heartbeat_interval`: wake at least this often
+    to ping the systemd watchdog (None: no watchdog).
     """
 
-    def __init__(self, uploader: Sender, journal: Journal, concurrency: int = 1) -> None:
+    def __init__(self, uploader: Sender, journal: Journal, concurrency: int = 1, *,
+                 sessions: SessionPool | None = None, heartbeat_interval: float | None = None) -> None:
         self.uploader = uploader
         self.journal = journal
         self.concurrency = max(1, concurrency)
@@ -52,31 +55,33 @@ class UploadWorker:
                                           name="upload" if index == 0 else f"upload-{index + 1}")
                          for index in range(self.concurrency)]
         self.busy = threading.Event()  # set while any thread holds a file
-        self.heartbeat_interval: float | None = None  # wake at least this often to ping the watchdog
-        self.preconnect = False  # `run --once`: one connection opens while intake checks the first files
+        self._heartbeat_interval = heartbeat_interval
+        self._preconnect = False
         # the SFTP route's sessions; None on the API route (one HTTP client serves every thread)
-        self._sessions: SessionPool | None = None
+        self._sessions: SessionPool | None = sessions
         self.batch_files = 1  # the API route sends one file at a time
         if isinstance(uploader, Uploader):
             config = uploader.config.sftp
-            self._sessions = SessionPool([uploader.session] + [SftpSession(config)
-                                                               for _ in range(self.concurrency - 1)],
-                                         config.connect_timeout)
+            if self._sessions is None:
+                self._sessions = upload_sessions(uploader.session, config, self.concurrency)
             # upload.batch_files; one at a time under sftp.bandwidth_limit (the batch path does not pace)
             self.batch_files = 1 if config.bandwidth_limit else uploader.config.upload.batch_files
-
-    @property
-    def sessions(self) -> SessionPool:
-        """The SFTP route's session pool (the status poll shares it)."""
-        assert self._sessions is not None, "the API route has no SFTP sessions"
-        return self._sessions
 
     def wake(self) -> None:
         with self._cond:
             self._generation += 1
             self._cond.notify_all()
 
-    def start(self) -> None:
+    @property
+    def sessions(self) -> SessionPool:
+        """The upload threads' SFTP sessions (the status poll borrows them too); SFTP route only."""
+        assert self._sessions is not None, "the API route has no SFTP sessions"
+        return self._sessions
+
+    def start(self, *, preconnect: bool = False) -> None:
+        """Start the threads; `preconnect` (`run --once` with work in sight): one connection opens
+        while intake checks the first files."""
+        self._preconnect = preconnect
         for thread in self._threads:
             thread.start()
 
@@ -93,7 +98,7 @@ class UploadWorker:
 
     def _wait(self, seen: int, timeout: float | None) -> None:
         """Sleep until `wake()` (unless one came since `seen` was read) or the timeout."""
-        interval = self.heartbeat_interval
+        interval = self._heartbeat_interval
         if interval is not None:
             timeout = interval if timeout is None else min(timeout, interval)
         with self._cond:
@@ -135,7 +140,7 @@ class UploadWorker:
 
     def _run(self, index: int) -> None:
         try:
-            if index == 0 and self.preconnect and self._sessions is not None:
+            if index == 0 and self._preconnect and self._sessions is not None:
                 self._sessions.connect_ahead()
             self._loop()
         finally:
@@ -187,3 +192,9 @@ class UploadWorker:
     def _give_back(self, session: SftpSession | None) -> None:
         if self._sessions is not None and session is not None:
             self._sessions.release(session)
+
+
+def upload_sessions(first: SftpSession, config: SftpConfig, concurrency: int) -> SessionPool:
+    """The upload threads' pool: `first` (the uploader's own) and `concurrency - 1` more sessions."""
+    return SessionPool([first] + [SftpSession(config) for _ in range(concurrency - 1)],
+                       config.connect_timeout)

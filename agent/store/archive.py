@@ -24,10 +24,14 @@ SIDE_SUFFIXES = (".gz", ".reason.txt", ".errors.csv")  # with SERVER_INFIX: ever
 
 
 class Filer:
-    def __init__(self, config: Config, journal: Journal) -> None:
+    """Journaled moves into archive/ and failed/; `on_failed` is told of each file filed as failed
+    (the notification hook, wired in agent.service)."""
+
+    def __init__(self, config: Config, journal: Journal, *,
+                 on_failed: Callable[[FileRecord], None] = lambda _record: None) -> None:
         self.config = config
         self.journal = journal
-        self.on_failed: Callable[[FileRecord], None] | None = None  # notify hook (agent.pipeline.lifecycle)
+        self._on_failed = on_failed
         # destinations chosen but not yet moved into: with several upload threads (upload.concurrency)
         # two files of the same name must never get the same free name (the second rename would
         # replace the first file). Released when the move is done (finish_move).
@@ -136,8 +140,8 @@ class Filer:
         except OSError as exc:
             return self._hold(record, state, dest, exc)
         log.error("{} {}: {} (see {})", record.label, state.value, reason, dest.name + ".reason.txt")
-        if self.on_failed is not None and state == FileState.FAILED:
-            self.on_failed(record)
+        if state == FileState.FAILED:
+            self._on_failed(record)
         return record
 
     def _hold(self, record: FileRecord, state: FileState, dest: Path, exc: OSError) -> FileRecord:

@@ -4,7 +4,7 @@ One primitive, `place`, puts a file under a new name without ever replacing what
 (`renameat2(RENAME_NOREPLACE)` where the kernel and filesystem have it, else link + unlink). Every
 move (`durable_move(s)`), rewrite (`rewrite_durably`) and write (`durable_writer`, `write_durably`)
 goes through it, so no file the agent did not create for that very purpose is ever overwritten
-(shared/design.md principle 2). `replace=True` is only for the agent's own files that it renews on
+(ARCHITECTURE.md, rule 2). `replace=True` is only for the agent's own files that it renews on
 purpose (the journal backup, known_hosts written by `trust-host`).
 """
 
@@ -163,18 +163,45 @@ def durable_writer(path: Path, *, replace: bool = False) -> Iterator[BinaryIO]:
     ensure_dir(path.parent)
     if not replace and os.path.lexists(path):  # fail before writing a byte (place checks again)
         raise FileExistsError(errno.EEXIST, "File exists (not replaced)", str(path))
-    staging = staging_path(path)
-    with contextlib.suppress(FileNotFoundError):  # a crash's leftover (never truncated: it may
-        os.unlink(staging)  # share its inode with a name placed by link before the crash)
+    staging = fresh_staging(path)
     try:
         with open(staging, "xb") as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
+    except BaseException:
+        remove_staging(staging)
+        raise
+    install_staged(staging, path, replace=replace, synced=True)
+
+
+def fresh_staging(path: Path) -> Path:
+    """The staging name for path, a crash's leftover of it removed (never truncated: it may share
+    its inode with a name placed by link before the crash)."""
+    staging = staging_path(path)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(staging)
+    return staging
+
+
+def remove_staging(staging: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(staging)
+
+
+def install_staged(staging: Path, path: Path, *, replace: bool = False, synced: bool = False) -> None:
+    """Put a complete staging file at path: fsync it (unless `synced`), no-replace rename (unless
+    replace), fsync the folder; on any error the staging file is removed and path is untouched."""
+    try:
+        if not synced:
+            fd = os.open(staging, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         place(staging, path, replace=replace)
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(staging)
+        remove_staging(staging)
         raise
     fsync_dir(path.parent)
 

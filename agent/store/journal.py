@@ -20,6 +20,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from agent.errors import AgentError
+
 SPOOL_NAME_BYTES = 120  # the original-name part of a spool name, at most (UTF-8)
 _SPOOL_NAME = re.compile(r"([0-9]{8,})(?:_(.*))?", re.DOTALL)
 
@@ -47,7 +49,7 @@ def parse_spool_name(file_name: str) -> tuple[int, str] | None:
     return int(found[1]), found[2] if found[2] else file_name
 
 
-class JournalError(Exception):
+class JournalError(AgentError):
     """The journal cannot be opened or read (damaged, not a database); the message is one line
     that says what to do."""
 
@@ -214,7 +216,12 @@ class FileRecord:
 
 
 class Journal:
-    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+    """`sendable_states`: what `next_sendable` hands the upload threads (ACTIVE_STATES; without
+    UPLOADED when the status job follows an uploaded file)."""
+
+    def __init__(self, path: Path, *, readonly: bool = False,
+                 sendable_states: tuple[FileState, ...] = ACTIVE_STATES) -> None:
+        self.sendable_states = sendable_states
         try:
             self._connect(path, readonly)
         except sqlite3.DatabaseError as exc:
@@ -250,8 +257,6 @@ class Journal:
         self._committed = 0  # every transaction up to this number is committed (or failed)
         self._commit_lock = threading.Lock()  # one committer at a time; the others wait for it
         self._failures: dict[int, BaseException] = {}  # transaction number -> why its COMMIT failed
-        # what next_sendable hands the upload worker; without UPLOADED when the status job follows it
-        self.sendable_states: tuple[FileState, ...] = ACTIVE_STATES
 
     def _migrate(self) -> None:
         """Add columns and indexes that journals made by older versions lack."""
@@ -693,11 +698,9 @@ class Journal:
         """An online copy of the journal (SQLite's backup API, consistent while others write) at
         dest: written to a staging name, checked, fsynced, then renamed over the previous backup
         (the agent's own file, renewed on purpose). A copy that fails its check replaces nothing."""
-        from agent.store.fsutil import fsync_dir, place, staging_path
+        from agent.store.fsutil import fresh_staging, install_staged, remove_staging
 
-        staging = staging_path(dest)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(staging)
+        staging = fresh_staging(dest)
         source = sqlite3.connect(self.path)
         try:
             target = sqlite3.connect(staging)
@@ -709,20 +712,10 @@ class Journal:
                 target.close()
         finally:
             source.close()
-        try:
-            if verdict != "ok":
-                raise sqlite3.DatabaseError(f"the copy fails its check ({verdict})")
-            fd = os.open(staging, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            place(staging, dest, replace=True)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(staging)
-            raise
-        fsync_dir(dest.parent)
+        if verdict != "ok":
+            remove_staging(staging)
+            raise sqlite3.DatabaseError(f"the copy fails its check ({verdict})")
+        install_staged(staging, dest, replace=True)
 
     def count_in(self, states: tuple[FileState, ...]) -> int:
         with self._reading() as reader:

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 import paramiko
 from paramiko.sftp import CMD_CLOSE, CMD_FSTAT, CMD_REMOVE, CMD_STAT, CMD_WRITE, int64
 
-from agent.store.journal import FileRecord
 from agent.transport import pipelining as sftp_batch
 
 WRITE_WINDOW_BYTES = 4 * 1024 * 1024  # WRITE bytes awaiting their status at most (per connection)
@@ -33,9 +32,12 @@ READ_CHUNK = 256 * 1024  # local read size; each read is cut into WRITEs of the 
 
 @dataclass
 class Upload:
-    """One file's passage through the protocol, and what went wrong, if anything."""
+    """One file's passage through the protocol, and what went wrong, if anything. It carries the
+    checked facts (size, SHA-256) as plain values: the transport knows no journal."""
 
-    record: FileRecord
+    file_id: int  # the journal row, for the caller
+    size: int  # the checked size
+    sha256: str  # the checked SHA-256
     local: str  # the claimed (spool) copy
     temp: str  # remote temporary path
     final: str  # remote final path
@@ -52,7 +54,7 @@ class Upload:
     def complete(self) -> bool:
         """Every step done and the server holds exactly the checked bytes' count."""
         return (self.error is None and self.changed is None and self.unreadable is None
-                and self.remote_size == self.record.size)
+                and self.remote_size == self.size)
 
 
 class Pacer:
@@ -175,7 +177,7 @@ class _WriteWindow:
 
 def _write_one(sftp: paramiko.SFTPClient, upload: Upload, request_size: int, pacer: Pacer,
                window: _WriteWindow) -> None:
-    expected = upload.record.size or 0
+    expected = upload.size
     try:
         fd = os.open(upload.local, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError as exc:
@@ -205,18 +207,18 @@ def _write_one(sftp: paramiko.SFTPClient, upload: Upload, request_size: int, pac
         os.close(fd)
     if upload.error is not None:
         return
-    upload.changed = changed_since_check(upload.record, upload.sent, upload.digest.hexdigest(),
+    upload.changed = changed_since_check(upload.size, upload.sha256, upload.sent, upload.digest.hexdigest(),
                                          (before.st_size, before.st_mtime_ns),
                                          (after.st_size, after.st_mtime_ns))
 
 
-def changed_since_check(record: FileRecord, size: int, sha256: str, before: tuple[int, int],
-                        after: tuple[int, int]) -> str | None:
+def changed_since_check(checked_size: int, checked_sha256: str, size: int, sha256: str,
+                        before: tuple[int, int], after: tuple[int, int]) -> str | None:
     """Why the bytes just read are not the bytes that were checked, or None when they are."""
-    if size != record.size:
-        return f"{size} bytes were read, {record.size} were checked"
-    if sha256 != record.sha256:
-        return f"its SHA-256 is now {sha256[:16]}..., {str(record.sha256)[:16]}... was checked"
+    if size != checked_size:
+        return f"{size} bytes were read, {checked_size} were checked"
+    if sha256 != checked_sha256:
+        return f"its SHA-256 is now {sha256[:16]}..., {checked_sha256[:16]}... was checked"
     if before != after:
         return "it was written to while it was being sent"
     return None

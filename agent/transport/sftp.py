@@ -24,6 +24,7 @@ from loguru import logger
 from paramiko.sftp import CMD_EXTENDED, CMD_EXTENDED_REPLY, CMD_INIT, CMD_VERSION
 
 from agent.config import SftpConfig
+from agent.errors import AgentError
 from agent.systemd import CREDENTIAL_KEY_NAME, credential_path
 from agent.transport.pipelining import PipelinedSFTPClient
 
@@ -57,11 +58,15 @@ def make_transport(sock: socket.socket | paramiko.ProxyCommand, **kwargs: Any) -
     return transport
 
 
-class PrivateKeyError(Exception):
-    """The private key cannot be used; the message says how to fix it."""
+class PrivateKeyError(AgentError):
+    """The private key cannot be used; the message says how to fix it. The daemon keeps the files
+    queued and tries again (the operator may fix the key meanwhile); `run` refuses to start."""
+
+    retryable = True
+    connection = True
 
 
-class ConnectError(Exception):
+class ConnectError(AgentError):
     """The server could not be reached or would not let us in; always worth retrying later.
 
     `dropped` is True when the server closed or refused the connection without a verdict on us
@@ -69,6 +74,9 @@ class ConnectError(Exception):
     limits connections per user or unauthenticated connections (ProFTPD MaxClientsPerUser, OpenSSH
     MaxStartups) does to a connection beyond its limit. `key_refused`: the server rejected the key.
     """
+
+    retryable = True
+    connection = True
 
     def __init__(self, message: str, *, dropped: bool = False, key_refused: bool = False) -> None:
         super().__init__(message)
@@ -477,7 +485,3 @@ def publish_rename(sftp: paramiko.SFTPClient, temp: str, final: str) -> None:
         return
     plain_rename(sftp, temp, final)
 
-
-def is_connection_fault(exc: BaseException) -> bool:
-    return isinstance(exc, (ConnectError, socket.timeout, TimeoutError, EOFError, paramiko.SSHException,
-                            ConnectionError))
