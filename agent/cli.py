@@ -125,18 +125,44 @@ newer_option = click.option("--newer-than", "--since", "newer_than", type=Durati
 
 
 def show_status(config: Config, as_json: bool, states: tuple[str, ...], older_than: timedelta | None,
-                newer_than: timedelta | None) -> None:
-    from agent.ops.views import select, status_table
+                newer_than: timedelta | None, key: str | None = None) -> None:
+    from agent.ops.views import find, select, status_detail, status_table, terminal_width
+    from agent.pipeline.progress import read_progress
 
-    records = select(_records(config), states, older_than, newer_than)
+    progress = read_progress(config.paths.state_dir)
+    events: dict[int, list[tuple[str, str, str | None]]] = {}
+    if key is None:
+        records = _records(config)
+    elif not config.journal_path.exists():
+        fail(f"no journal yet at {config.journal_path}", EXIT_RUNTIME)
+    else:
+        journal = Journal(config.journal_path, readonly=True)
+        try:
+            records = find(journal, key)
+            events = {record.id: journal.events(record.id) for record in records}
+        finally:
+            journal.close()
+        if not records:
+            fail(f"no file in the journal is called {key!r} (use the ID or a name from `status`)",
+                 EXIT_RUNTIME)
+    records = select(records, states, older_than, newer_than)
     if as_json:
-        click.echo(json.dumps([record.to_json() for record in records], indent=2))
+        click.echo(json.dumps([{**record.to_json(), "progress": (
+            progress[record.id].to_json() if record.id in progress and record.state == FileState.UPLOADING
+            else None)} for record in records], indent=2))
+        return
+    if key is not None:
+        for index, record in enumerate(records):
+            if index:
+                click.echo("")
+            for line in status_detail(record, config, progress.get(record.id), events.get(record.id, [])):
+                click.echo(line)
         return
     if not records:
         filtered = " matching the filters" if states or older_than or newer_than else ""
         click.echo(f"no files{filtered} in the journal ({config.journal_path})")
         return
-    for line in status_table(records):
+    for line in status_table(records, progress, terminal_width()):
         click.echo(line)
 
 
@@ -161,8 +187,13 @@ def run(config_path: Path | None, once: bool) -> None:
     try:
         load_private_key(private_key_path(config.sftp))  # unusable key: exit 1 now, files stay queued
         if once:
+            from agent.ops.summary import summary_lines
+
             agent = Agent(config)
-            sys.exit(agent.run_once())
+            code = agent.run_once()
+            for line in summary_lines(agent.once_records, config, agent.uploader.last_connection_error):
+                click.echo(line)
+            sys.exit(code)
         sys.exit(run_daemon(config))
     except AlreadyRunning as exc:
         fail(str(exc), EXIT_RUNTIME)
@@ -175,15 +206,17 @@ def run(config_path: Path | None, once: bool) -> None:
 
 @main.command()
 @config_option
+@click.argument("key", metavar="[NAME|ID]", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array (the stable contract).")
 @state_option
 @older_option
 @newer_option
 @journal_errors
-def status(config_path: Path | None, as_json: bool, states: tuple[str, ...], older_than: timedelta | None,
-           newer_than: timedelta | None) -> None:
-    """One row per file from the journal (filter by state and age)."""
-    show_status(load_or_exit(config_path), as_json, states, older_than, newer_than)
+def status(config_path: Path | None, key: str | None, as_json: bool, states: tuple[str, ...],
+           older_than: timedelta | None, newer_than: timedelta | None) -> None:
+    """One row per file from the journal (filter by state and age); with NAME or ID, everything known
+    about that file: where it is, why, and what to do next."""
+    show_status(load_or_exit(config_path), as_json, states, older_than, newer_than, key)
 
 
 @main.command()

@@ -19,7 +19,10 @@ from agent.config import Config, ConfigError, load_config
 from agent.intake.claim import NOTICE_LIMIT, Intake, SettleQueue
 from agent.intake.watch import DropScanner, DropWatcher
 from agent.logs import setup_logging
+from agent.ops.summary import run_records
+from agent.ops.wakeup import WakeListener
 from agent.pipeline.lifecycle import TRACKED_STATES, Lifecycle
+from agent.pipeline.progress import UploadProgress
 from agent.pipeline.upload import Uploader
 from agent.pipeline.upload_worker import UploadWorker
 from agent.store.adopt import reconcile_spool
@@ -61,6 +64,8 @@ class Agent:
         self.scanner.create_folders()
         self.session = SftpSession(config.sftp)
         self.uploader = Uploader(config, self.journal, self.filer, self.session)
+        self.progress = UploadProgress(paths.state_dir)  # `status` shows an upload's bytes sent
+        self.uploader.progress = self.progress
         self.worker = UploadWorker(self.uploader, self.journal, config.upload.concurrency)
         self.lifecycle = Lifecycle(config, self.journal, self.filer, self.uploader)  # after the upload
         # the status poll borrows the upload threads' connections (a server may allow only one)
@@ -74,6 +79,8 @@ class Agent:
         self.uploader.on_changed = self._check_again_when_stable
         self.watcher: DropWatcher | None = None
         self.scheduler: BackgroundScheduler | None = None
+        self.wakeup = WakeListener(paths.state_dir, self.worker.wake)  # `retry`: sent within a second
+        self.once_records: list[FileRecord] = []  # `run --once`: the files it dealt with, at its end
 
     def recover(self) -> None:
         """Bring every unfinished row and the disk into agreement before any new work starts: first
@@ -133,6 +140,7 @@ class Agent:
                                    coalesce=True, max_instances=1,
                                    next_run_time=datetime.now(UTC) + timedelta(seconds=min(every, 30.0)))
         self.scheduler.start()
+        self.wakeup.start()
         self.rescan()
         logger.info("watching {} (settle {} s, rescan every {} s); uploading to {}@{}:{}{}",
                     self.config.paths.drop, self.config.watch.settle_seconds,
@@ -154,12 +162,14 @@ class Agent:
         deadline = time.monotonic() + self.config.daemon.stop_timeout_seconds
         if self.watcher is not None:
             self.watcher.stop()
+        self.wakeup.stop()
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=False)
         self.settle.stop(max(0.1, deadline - time.monotonic()))
         if not self.worker.stop(max(0.1, deadline - time.monotonic())):
             logger.warning("the upload in flight did not stop in time; it resumes at the next start")
         self.lifecycle.stop(max(0.1, deadline - time.monotonic()))
+        self.progress.close()
         self.journal.close()
         self._lock_file.close()
 
@@ -176,21 +186,20 @@ class Agent:
         self.settle.start()
         self.rescan()
         limit = self.config.retry.once_max_attempts
+        self.uploader.attempt_limit = limit  # the last failed attempt says it gives up, not "retrying"
         while True:
             # one COUNT query: listing every row each 50 ms was quadratic in a backlog
             if (self.settle.idle() and not self.worker.busy.is_set()
-                    and not self.journal.count_below_attempts(self.journal.sendable_states, limit)):
+                    and (self.uploader.connection_failures >= limit
+                         or not self.journal.count_below_attempts(self.journal.sendable_states, limit))):
                 break
             time.sleep(ONCE_POLL_SECONDS)
         self.filer.resume_held()  # refused files whose move to failed/ waited for it
-        done = (FileState.ARCHIVED, *(TRACKED_STATES if self.config.status.tracking else ()))
-        total, not_done = self.journal.outcome(start_ids, first_new_id, done)
+        # a split original is done when its parts are (they are rows of the run too)
+        done = (FileState.ARCHIVED, FileState.SPLIT, *(TRACKED_STATES if self.config.status.tracking else ()))
+        self.once_records = run_records(self.journal, start_ids, first_new_id)
         self.stop()
-        for record in not_done:
-            logger.bind(file_id=record.id, file=record.name).error(
-                "{} ended {}: {}", record.label, record.state.value, record.error)
-        logger.info("--once: {} file(s) archived, {} not", total - len(not_done), len(not_done))
-        return 1 if not_done else 0
+        return 1 if any(record.state not in done for record in self.once_records) else 0
 
 
 def _type_folders(config: Config) -> list[str]:

@@ -8,9 +8,12 @@ from pathlib import Path
 
 import click
 
-from agent.config import load_config
+from agent.config import Config, load_config
 from agent.logs import setup_logging
 from agent.ops.keys import write_new_keypair
+from agent.ops.summary import summary_lines
+from agent.ops.views import status_table, terminal_width
+from agent.pipeline.progress import read_progress
 from agent.store.journal import FileState, Journal
 
 DEMO_TENANT = "test_demo0sandbox"
@@ -59,10 +62,14 @@ def run_demo(keep: bool = False) -> int:
             for name, text in SAMPLES.items():
                 (config.paths.drop / name).write_text(text)
             click.echo(f"sandbox SFTP server on {server.host}:{server.port}, files under {root}")
-            Agent(config).run_once()
+            agent = Agent(config)
+            agent.run_once()
+            click.echo("\n$ saasquatch-agent run --once   # what it prints when it ends")
+            for line in summary_lines(agent.once_records, config, agent.uploader.last_connection_error):
+                click.echo(line)
         finally:
             server.stop()
-        return _report(config.journal_path, server_root=root / "sftp-server")
+        return _report(config, server_root=root / "sftp-server")
     finally:
         if keep:
             click.echo(f"kept the sandbox folder: {root}")
@@ -70,23 +77,20 @@ def run_demo(keep: bool = False) -> int:
             shutil.rmtree(root, ignore_errors=True)
 
 
-def _report(journal_path: Path, server_root: Path) -> int:
-    journal = Journal(journal_path, readonly=True)
+def _report(config: Config, server_root: Path) -> int:
+    journal = Journal(config.journal_path, readonly=True)
     records = journal.all()
     journal.close()
+    click.echo("\n$ saasquatch-agent status")
+    for line in status_table(records, read_progress(config.paths.state_dir), terminal_width()):
+        click.echo(line)
     click.echo("")
     expected_ok = 0
     for record in records:
-        remote = f"/imports/{record.remote_name}" if record.state == FileState.ARCHIVED else "-"
-        click.echo(f"{record.name}\n  state:  {record.state.value}\n  local:  {record.local_path}\n"
-                   f"  remote: {remote}")
-        if record.error:
-            click.echo(f"  reason: {record.error}")
         arrived = record.remote_name and (server_root / "imports" / record.remote_name).is_file()
         refused = record.name == "users_missing-ids.csv"
         if (refused and record.state == FileState.FAILED) or (not refused and arrived):
             expected_ok += 1
-    click.echo("")
     if expected_ok == len(SAMPLES) == len(records):
         click.echo("demo finished: two files were delivered and archived, the broken one was refused"
                    " with its reason, as expected")

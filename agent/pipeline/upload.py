@@ -25,12 +25,14 @@ from loguru import logger
 
 from agent.config import Config, ImportType
 from agent.imports.naming import readable_stem
+from agent.pipeline.progress import UploadProgress
 from agent.store.adopt import find_published
 from agent.store.archive import Filer
 from agent.store.journal import FINAL_STATES, FileRecord, FileState, Journal
 from agent.transport import pipelining as sftp_batch
 from agent.transport import publish
 from agent.transport.sftp import ConnectError, PrivateKeyError, SftpSession, remote_size
+from agent.units import human_duration
 
 LOCAL_FAULT_PAUSE_SECONDS = 5.0
 BATCH_FILE_MAX_BYTES = 256 * 1024  # files up to this size are sent together (upload.batch_files)
@@ -65,7 +67,15 @@ class Uploader:
         self._default_session = session
         self._local = threading.local()  # upload.concurrency: each worker thread binds its own session
         self.stop_requested = threading.Event()
+        # the back-off after a failed connection belongs to the connection: every waiting file is
+        # due again when the next connection attempt is (oldest first), not each on its own clock
+        self._connection_lock = threading.Lock()
         self._connection_retry_at = 0.0
+        self.connection_failures = 0  # connection attempts failed in a row (0 once one succeeds)
+        self.last_connection_error: str | None = None
+        # `run --once`: attempts (per file, and connection attempts in a row) before it gives up
+        self.attempt_limit: int | None = None
+        self.progress: UploadProgress | None = None  # the `uploading` rows' bytes sent (status, log)
         self.heartbeat: Callable[[], None] = _no_heartbeat  # systemd watchdog ping: progress is made
         # what follows a verified upload: archive now, or leave it to the status job (pipeline.lifecycle)
         self.after_upload: Callable[[FileRecord], FileRecord] = filer.archive
@@ -118,6 +128,7 @@ class Uploader:
         try:
             self._attempt(records, results)
         except Exception as exc:  # noqa: BLE001 - every other fault is retried; the files stay queued
+            waiting = []
             for record in records:
                 if record.id in results:
                     continue
@@ -125,8 +136,13 @@ class Uploader:
                 if current.state in FINAL_STATES:  # filed before the fault (finish_moves records those)
                     results[record.id] = current
                     continue
-                with logger.contextualize(file_id=record.id, file=record.name):
-                    results[record.id] = self._fault(current, exc)
+                waiting.append(current)
+            if isinstance(exc, ConnectError):
+                results.update((record.id, record) for record in self._wait_for_connection(waiting, exc))
+            for current in waiting:
+                if current.id not in results:
+                    with logger.contextualize(file_id=current.id, file=current.name):
+                        results[current.id] = self._fault(current, exc)
         return [results[record.id] for record in records]
 
     def _attempt(self, records: list[FileRecord], results: dict[int, FileRecord]) -> None:
@@ -189,9 +205,16 @@ class Uploader:
                                   if upload.record.state != FileState.UPLOADING], fetch=False)
         pacer = publish.Pacer(self.stop_requested.is_set, self.heartbeat, self.config.sftp.bandwidth_limit,
                               self.stop_requested.wait)
-        publish.open_all(sftp, uploads)
-        self._check_stop()
-        publish.write_all(sftp, uploads, self.session.write_request_size(sftp), pacer)
+        tracker = self.progress.track([upload.record for upload in uploads]) if self.progress else None
+        if tracker is not None:
+            pacer.on_progress = tracker.update
+        try:
+            publish.open_all(sftp, uploads)
+            self._check_stop()
+            publish.write_all(sftp, uploads, self.session.write_request_size(sftp), pacer)
+        finally:
+            if tracker is not None:
+                tracker.done()
         publish.close_all(sftp, uploads)
         self.heartbeat()
         self._check_stop()
@@ -327,9 +350,14 @@ class Uploader:
 
     def _client(self) -> paramiko.SFTPClient:
         try:
-            return self.session.client()
+            client = self.session.client()
         except PrivateKeyError as exc:
             raise ConnectError(str(exc)) from None
+        if self.connection_failures:
+            with self._connection_lock:
+                self.connection_failures = 0
+                self.last_connection_error = None
+        return client
 
     def _fault(self, record: FileRecord, exc: BaseException) -> FileRecord:
         """A refusal goes to failed/; anything else is retried later."""
@@ -338,20 +366,56 @@ class Uploader:
         return self._retry_later(record, exc)
 
     def _retry_later(self, record: FileRecord, exc: BaseException) -> FileRecord:
-        if not isinstance(exc, (ConnectError, TransientUploadError)):
+        if isinstance(exc, ConnectError):
+            [record] = self._wait_for_connection([record], exc)
+            return record
+        if not isinstance(exc, TransientUploadError):
             self.session.drop()  # the connection may be in any state after a fault mid-operation
         reason = _describe_fault(exc)
         attempts = record.attempts + 1
         delay = backoff_delay(attempts, self.config.retry.initial_delay_seconds,
                               self.config.retry.max_delay_seconds)
-        if isinstance(exc, ConnectError):
-            self._connection_retry_at = time.time() + delay
         if isinstance(exc, InterruptedError):
             delay = 0.0
-        logger.warning("{} not uploaded (attempt {}): {}; retrying in {:.1f} s", record.label, attempts,
-                       reason, delay)
+        limit = self.attempt_limit
+        then = (f"giving up for this run (attempt {attempts} of {limit}); it stays queued"
+                if limit is not None and attempts >= limit and not isinstance(exc, InterruptedError)
+                else f"retrying in {human_duration(delay)}")
+        logger.warning("{} not uploaded (attempt {}): {}; {}", record.label, attempts, reason, then)
         return self.journal.update(record.id, attempts=attempts, error=reason,
                                    next_attempt_at=time.time() + delay, message=f"retry: {reason}")
+
+    def _wait_for_connection(self, records: list[FileRecord], exc: ConnectError) -> list[FileRecord]:
+        """No connection: the files wait for the connection's next attempt (one back-off for all,
+        growing with the failed attempts in a row), all due together then, oldest first. One log line."""
+        reason = _describe_fault(exc)
+        now = time.time()
+        with self._connection_lock:
+            if now >= self._connection_retry_at:  # a new attempt failed (not a concurrent one of it)
+                self.connection_failures += 1
+                self._connection_retry_at = now + backoff_delay(
+                    self.connection_failures, self.config.retry.initial_delay_seconds,
+                    self.config.retry.max_delay_seconds)
+            failures, retry_at = self.connection_failures, self._connection_retry_at
+            self.last_connection_error = reason
+        if not records:
+            return []
+        limit = self.attempt_limit
+        if limit is not None and failures >= limit:
+            then = f"giving up for this run ({failures} failed connection attempts in a row); left queued"
+        else:
+            then = f"retrying in {human_duration(retry_at - now)}, with the next connection attempt"
+        if len(records) == 1:
+            record = records[0]
+            logger.bind(file_id=record.id, file=record.name).warning(
+                "{} not uploaded (attempt {}): {}; {}", record.label, record.attempts + 1, reason, then)
+        else:
+            shown = ", ".join(record.label for record in records[:5])
+            more = f" and {len(records) - 5} more" if len(records) > 5 else ""
+            logger.warning("{} files not uploaded ({}{}): {}; {}", len(records), shown, more, reason, then)
+        return self.journal.update_many([
+            (record.id, f"retry: {reason}", {"attempts": record.attempts + 1, "error": reason,
+                                             "next_attempt_at": retry_at}) for record in records])
 
     def wait_for_connection_slot(self) -> float:
         """Seconds to hold off every file after a connection fault, so N files make one attempt."""
