@@ -175,13 +175,25 @@ def main() -> None:
 @main.command()
 @config_option
 @click.option("--once", is_flag=True, help="Process what is in drop/ now, wait for the uploads, exit.")
+@click.option("--dry-run", is_flag=True,
+              help="Say what would be taken from drop/ now and what would happen to each file (type,"
+                   " remote name, validation, split plan); nothing is moved or sent. Exit 1 when any would"
+                   " be refused.")
 @journal_errors
-def run(config_path: Path | None, once: bool) -> None:
+def run(config_path: Path | None, once: bool, dry_run: bool) -> None:
     """Run the agent (the daemon, or one pass with --once)."""
     from agent.service import Agent, AlreadyRunning, run_daemon
     from agent.transport.sftp import PrivateKeyError, load_private_key, private_key_path
 
     config = load_or_exit(config_path)
+    if dry_run:
+        from agent.ops.dryrun import dry_run_lines, plan_drop
+
+        setup_logging(config.log.model_copy(update={"level": "WARNING"}))
+        plans = plan_drop(config)
+        for line in dry_run_lines(config, plans):
+            click.echo(line)
+        sys.exit(EXIT_RUNTIME if any(plan.action == "refuse" for plan in plans) else 0)
     refuse_root_on_service_state(config)
     setup_logging(config.log)
     try:
