@@ -13,7 +13,7 @@ import contextlib
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -99,7 +99,7 @@ class UploadProgress:
             self._db.close()
 
     @contextlib.contextmanager
-    def _guard(self) -> Any:
+    def _guard(self) -> Iterator[None]:
         """A failed write of this view (disk full, closed at stop) never stops an upload."""
         with self._lock:
             try:
@@ -112,7 +112,7 @@ class Tracker:
     """One upload's (or batch's) progress: `update(sent)` after each chunk, `done()` at the end."""
 
     def __init__(self, store: UploadProgress, records: Sequence[FileRecord],
-                 clock: Any = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._store = store
         self._records = list(records)
         self._ids = [record.id for record in records]
