@@ -87,8 +87,9 @@ def status_table(records: list[FileRecord], progress: Mapping[int, Progress] | N
     for r in records:
         age = human_age((now - parse_time(r.created_at)).total_seconds())
         shown = progress.get(r.id) if r.state == FileState.UPLOADING else None
+        error = (r.error or "").removeprefix(f"{r.name} was not uploaded: ")  # the row names the file
         detail = shown.text() if shown is not None else " ".join(
-            (r.error or ("adopted from spool/: the journal had no row" if r.adopted else "")).split())
+            (error or ("adopted from spool/: the journal had no row" if r.adopted else "")).split())
         rows.append((str(r.id), r.state.value, r.import_type or "-", age, escape_controls(r.name),
                      escape_controls(r.remote_name or "-"), escape_controls(detail)))
     header = ("ID", "STATE", "TYPE", "AGE", "NAME", "REMOTE NAME", "PROGRESS OR LAST ERROR")
@@ -181,7 +182,9 @@ def history_lines(found: list[tuple[FileRecord, list[tuple[str, str, str | None]
             f"#{record.id} {record.name} ({record.import_type or 'untyped'}; remote"
             f" {record.remote_name or '-'}; now {record.state.value}; at {record.local_path})"))
         for at, state, message in events:
-            lines.append(escape_controls(f"  {at}  {state:<10} {message or ''}"))
+            if not message and state == record.state.value and record.error:
+                message = record.error  # a journal of an older version left the reason out of the event
+            lines.append(escape_controls(f"  {at}  {state:<10} {' '.join((message or '').split())}"))
     return lines
 
 

@@ -23,6 +23,17 @@ SERVER_INFIX = ".server."  # <name>.server.<remote status file>: the server's fi
 SIDE_SUFFIXES = (".gz", ".reason.txt", ".errors.csv")  # with SERVER_INFIX: every name written beside one
 
 
+def move_message(record: FileRecord) -> str:
+    """The event message of a finished move: where the file went and why (`history`)."""
+    state = FileState(str(record.pending_state))
+    if state in (FileState.FAILED, FileState.STALE):
+        return f"{' '.join((record.error or 'refused').split())} (moved to {record.pending_path})"
+    if state == FileState.SPLIT:
+        return (f"over the per-file limits, so its parts are sent instead; the original is kept in"
+                f" {record.pending_path}")
+    return f"moved to {record.pending_path}"
+
+
 class Filer:
     def __init__(self, config: Config, journal: Journal) -> None:
         self.config = config
@@ -182,7 +193,7 @@ class Filer:
             self._reserved.pop(Path(record.pending_path), None)  # taken now: _free sees it on disk
         return self.journal.update(
             record.id, state=FileState(record.pending_state), local_path=record.pending_path,
-            pending_path=None, pending_state=None, next_attempt_at=None,
+            pending_path=None, pending_state=None, next_attempt_at=None, message=move_message(record),
         )
 
     def finish_moves(self, records: list[FileRecord]) -> list[FileRecord]:
@@ -198,7 +209,7 @@ class Filer:
                                 for record in batch])
         moved = [record for record, error in zip(batch, errors, strict=True) if error is None]
         done.update((record.id, record) for record in self.journal.update_many([
-            (record.id, None, {"state": FileState(str(record.pending_state)),
+            (record.id, move_message(record), {"state": FileState(str(record.pending_state)),
                                "local_path": record.pending_path, "pending_path": None,
                                "pending_state": None, "next_attempt_at": None})
             for record in moved
