@@ -340,8 +340,12 @@ def doctor(config_path: Path | None) -> None:
     try:
         config = load_config(config_path)
     except ConfigError as exc:
+        from agent.config import resolve_config_path
+        from agent.ops.configshow import config_fixes
+
         click.echo(f"FAIL configuration: {exc}")
-        click.echo("     fix: correct the key it names (config/agent.example.toml lists every key)")
+        for fix in config_fixes(exc, resolve_config_path(config_path)):
+            click.echo(f"     fix: {fix}")
         sys.exit(EXIT_USAGE)
     setup_logging(config.log.model_copy(update={"level": "WARNING"}))
     click.echo(f"PASS configuration: {config.source}")
@@ -430,6 +434,22 @@ def report(config_path: Path | None, days: int, as_json: bool) -> None:
         click.echo(f"no files in the last {days} day(s)")
         return
     for line in report_lines(rows):
+        click.echo(line)
+
+
+@main.group("config")
+def config_group() -> None:
+    """Show the configuration the agent uses."""
+
+
+@config_group.command("show")
+@config_option
+@click.option("--defaults", is_flag=True, help="Every key with its default instead (no file needed).")
+def config_show(config_path: Path | None, defaults: bool) -> None:
+    """Print the effective configuration as TOML (defaults filled in, secrets masked)."""
+    from agent.ops.configshow import show
+
+    for line in show(None if defaults else load_or_exit(config_path)):
         click.echo(line)
 
 
