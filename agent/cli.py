@@ -410,9 +410,16 @@ def retry(config_path: Path | None, key: str) -> None:
         fail(f"retry of {key!r} did not finish ({exc}); run it again", EXIT_RUNTIME)
     finally:
         journal.close()
-    click.echo(escape_controls(
-        f"#{record.id} {record.name} re-queued as {record.remote_name}; a running agent sends it"
-        f" within {config.watch.rescan_seconds:g} s (or at its next start)"))
+    from agent.ops.wakeup import wake_running_agent
+
+    try:
+        woken = wake_running_agent(config.paths.state_dir)
+    except OSError as exc:  # the hint only: the rescan picks the file up anyway
+        logger.debug("could not wake the agent: {}", exc)
+        woken = False
+    when = ("the running agent sends it now" if woken else
+            "the agent is not running (or not listening): it is sent at its next start or rescan")
+    click.echo(escape_controls(f"#{record.id} {record.name} re-queued as {record.remote_name}; {when}"))
 
 @main.command()
 @config_option

@@ -1,8 +1,8 @@
 """Operator views and actions on the journal: status table and filters, history, report, retry.
 
 All of it works while the daemon runs: reads open their own read-only connection, and `retry`
-writes through SQLite (WAL, busy timeout) with the same journaled move the daemon uses; the daemon's
-rescan job wakes the upload worker, so a retried file is sent within `watch.rescan_seconds`.
+writes through SQLite (WAL, busy timeout) with the same journaled move the daemon uses, then wakes
+the running agent (agent.ops.wakeup), so a retried file is sent at once.
 """
 
 from __future__ import annotations
