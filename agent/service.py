@@ -18,7 +18,7 @@ from loguru import logger
 from agent.config import Config, ConfigError, load_config
 from agent.intake.claim import NOTICE_LIMIT, Intake, SettleQueue
 from agent.intake.watch import DropScanner, DropWatcher
-from agent.logs import setup_logging
+from agent.logs import file_fields, setup_logging
 from agent.ops.summary import run_records
 from agent.ops.wakeup import WakeListener
 from agent.pipeline.lifecycle import TRACKED_STATES, Lifecycle
@@ -104,7 +104,7 @@ class Agent:
                 self.filer.quarantine(record, f"the claimed copy of {record.name} ({record.local_path})"
                                       " is missing from the spool; it cannot be uploaded")
             else:
-                logger.bind(file_id=record.id, file=record.name).info(
+                logger.bind(**file_fields(record)).info(
                     "{} resumes in state {}", record.label, record.state.value)
 
     def _check_again_when_stable(self, record: FileRecord) -> None:

@@ -26,6 +26,7 @@ from agent.imports.admission import PartOf, admit, part_numbers, spool_part_of
 from agent.imports.split import SplitError, split_file
 from agent.imports.types import FileFormat
 from agent.intake.watch import Candidate, DropScanner, entry_problem
+from agent.logs import file_fields
 from agent.store.archive import Filer
 from agent.store.fsutil import durable_moves, ensure_dir, fsync_dir
 from agent.store.journal import FileRecord, FileState, Journal, iso_utc
@@ -132,7 +133,7 @@ class Intake:
             for item in ready
         ])
         for record, item in zip(queued, ready, strict=True):
-            log = logger.bind(file_id=record.id, file=record.name)
+            log = logger.bind(**file_fields(record))
             if item.deletes:
                 log.warning("{} is a user-deletion file: sending it will permanently delete {} user(s)",
                             record.label, item.deletes)

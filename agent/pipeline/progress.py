@@ -21,7 +21,8 @@ from typing import Any
 
 from loguru import logger
 
-from agent.store.journal import FileRecord, iso_utc
+from agent.logs import file_fields
+from agent.store.journal import FileRecord, FileState, iso_utc
 from agent.units import human_bytes, human_duration
 
 STORE_SECONDS = 2.0  # an upload's row is rewritten at most this often
@@ -138,7 +139,7 @@ class Tracker:
             self._logged_at = now
             record = self._records[0]
             if len(self._records) == 1:
-                logger.bind(file_id=record.id, file=record.name).info(
+                logger.bind(**file_fields(record) | {"state": FileState.UPLOADING.value}).info(
                     "{} uploading: {}", record.label, progress.text())
             else:
                 logger.info("{} files uploading together ({} first): {}", len(self._records), record.label,

@@ -25,6 +25,7 @@ from loguru import logger
 
 from agent.config import Config, ImportType
 from agent.imports.naming import readable_stem
+from agent.logs import file_fields
 from agent.pipeline.progress import UploadProgress
 from agent.store.adopt import find_published
 from agent.store.archive import Filer
@@ -231,7 +232,7 @@ class Uploader:
         elapsed = time.monotonic() - started
         for upload in published:
             record = upload.record
-            logger.bind(file_id=record.id, file=record.name).info(
+            logger.bind(**file_fields(record) | {"state": FileState.UPLOADED.value}).info(
                 "{} uploaded as {} ({} bytes in {:.2f} s{})", record.label, upload.final, record.size,
                 elapsed, f", {len(uploads)} sent together" if len(uploads) > 1 else "")
             if self.on_published is not None:  # metrics: each file's share of the batch's time
@@ -258,8 +259,7 @@ class Uploader:
             (record.id, message, {**done, "pending_path": self.filer.archive_destination(record),
                                   "pending_state": FileState.ARCHIVED}) for record, message in published])
         for record in self.filer.finish_moves(batch):
-            logger.bind(file_id=record.id, file=record.name).info(
-                "{} archived to {}", record.label, record.local_path)
+            logger.bind(**file_fields(record)).info("{} archived to {}", record.label, record.local_path)
             with logger.contextualize(file_id=record.id, file=record.name):
                 results[record.id] = self.after_archive(record)
 
@@ -381,9 +381,11 @@ class Uploader:
         then = (f"giving up for this run (attempt {attempts} of {limit}); it stays queued"
                 if limit is not None and attempts >= limit and not isinstance(exc, InterruptedError)
                 else f"retrying in {human_duration(delay)}")
-        logger.warning("{} not uploaded (attempt {}): {}; {}", record.label, attempts, reason, then)
-        return self.journal.update(record.id, attempts=attempts, error=reason,
-                                   next_attempt_at=time.time() + delay, message=f"retry: {reason}")
+        record = self.journal.update(record.id, attempts=attempts, error=reason,
+                                     next_attempt_at=time.time() + delay, message=f"retry: {reason}")
+        logger.bind(**file_fields(record)).warning("{} not uploaded (attempt {}): {}; {}", record.label,
+                                                   attempts, reason, then)
+        return record
 
     def _wait_for_connection(self, records: list[FileRecord], exc: ConnectError) -> list[FileRecord]:
         """No connection: the files wait for the connection's next attempt (one back-off for all,
@@ -407,7 +409,7 @@ class Uploader:
             then = f"retrying in {human_duration(retry_at - now)}, with the next connection attempt"
         if len(records) == 1:
             record = records[0]
-            logger.bind(file_id=record.id, file=record.name).warning(
+            logger.bind(**file_fields(record) | {"error": reason}).warning(
                 "{} not uploaded (attempt {}): {}; {}", record.label, record.attempts + 1, reason, then)
         else:
             shown = ", ".join(record.label for record in records[:5])

@@ -16,6 +16,7 @@ from pathlib import Path
 from loguru import logger
 
 from agent.config import Config
+from agent.logs import file_fields
 from agent.store.fsutil import durable_move, durable_moves, ensure_dir, write_durably
 from agent.store.journal import FileRecord, FileState, Journal
 
@@ -106,8 +107,7 @@ class Filer:
             dest = self.archive_destination(record)
             record = self.journal.update(record.id, pending_path=dest, pending_state=FileState.ARCHIVED)
             record = self.finish_move(record)
-        logger.bind(file_id=record.id, file=record.name).info(
-            "{} archived to {}", record.label, record.local_path)
+        logger.bind(**file_fields(record)).info("{} archived to {}", record.label, record.local_path)
         return record
 
     def quarantine(self, record: FileRecord, reason: str, errors_csv: str | None = None, *,
@@ -128,7 +128,6 @@ class Filer:
             dest = dest or self.failed_destination(record)
             record = self.journal.update(record.id, pending_path=dest, pending_state=state, error=reason,
                                          message=message)
-        log = logger.bind(file_id=record.id, file=record.name)
         try:
             if errors_csv is not None:
                 write_durably(dest.with_name(dest.name + ".errors.csv"), errors_csv, replace=resuming)
@@ -146,7 +145,8 @@ class Filer:
                     self._reserved.pop(dest, None)
         except OSError as exc:
             return self._hold(record, state, dest, exc)
-        log.error("{} {}: {} (see {})", record.label, state.value, reason, dest.name + ".reason.txt")
+        logger.bind(**file_fields(record)).error("{} {}: {} (see {})", record.label, state.value, reason,
+                                                 dest.name + ".reason.txt")
         if self.on_failed is not None and state == FileState.FAILED:
             self.on_failed(record)
         return record
@@ -157,7 +157,7 @@ class Filer:
         text = (f"{record.label} is {state.value} ({record.error}) but cannot be filed in {dest.parent}"
                 f" ({why}); it stays in {record.local_path} and moves to {dest} as soon as"
                 f" {dest.parent} works again (checked every minute)")
-        logger.bind(file_id=record.id, file=record.name).error(text)
+        logger.bind(**file_fields(record) | {"state": state.value}).error(text)
         if record.state == state:
             return record
         return self.journal.update(record.id, state=state, message=f"cannot file in {dest.parent}: {why};"
