@@ -282,9 +282,14 @@ def keygen(path: Path) -> None:
 @click.option("--keep", is_flag=True, help="Keep the sandbox folder and print where it is.")
 def demo(keep: bool) -> None:
     """Run the whole flow against a local sandbox SFTP server (no credentials needed)."""
-    from agent.ops.demo import run_demo
+    from agent.ops.demo import missing_extra_message, run_demo
 
-    sys.exit(run_demo(keep=keep))
+    try:
+        sys.exit(run_demo(keep=keep))
+    except ImportError as exc:
+        if exc.name != "asyncssh":
+            raise
+        fail(missing_extra_message(), EXIT_RUNTIME)
 
 
 @main.command("trust-host")
@@ -321,6 +326,11 @@ def trust_host(config_path: Path | None, fingerprint: str | None, hashed: bool) 
         if normalize_fingerprint(fingerprint) != info.fingerprint:
             fail(f"fingerprint mismatch: expected {normalize_fingerprint(fingerprint)}, the server offered"
                  f" {info.fingerprint}; nothing written", EXIT_RUNTIME)
+    elif not sys.stdin.isatty():  # no one to ask: say how to confirm without a terminal
+        source = f" --config {config.source}" if config_path else ""
+        fail(f"no terminal to confirm the fingerprint on; nothing written. Check {info.fingerprint} against"
+             " the one SaaSquatch shows for your SFTP server, then run: saasquatch-agent trust-host"
+             f"{source} --fingerprint {info.fingerprint}", EXIT_RUNTIME)
     elif not click.confirm("Does this fingerprint match the one SaaSquatch shows for your SFTP server?",
                            default=False):
         fail("not confirmed; nothing written", EXIT_RUNTIME)

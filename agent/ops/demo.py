@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import shlex
 import shutil
+import sys
 import tempfile
+from importlib import metadata
 from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
 
 import click
 
@@ -33,6 +39,60 @@ SAMPLES = {
         "acct-3,,carla@example.com\n"
     ),
 }
+
+
+DISTRIBUTION = "saasquatch-agent"
+CHECKOUT = Path(__file__).resolve().parents[2]  # where this code runs from (a checkout or site-packages)
+
+
+def install_line(extra: str, direct_url: dict[str, Any] | None = None, installed: bool = True,
+                 python: str = sys.executable, running_from: Path = CHECKOUT) -> str:
+    """The pip command that adds `extra` the way this agent was installed: from a checkout (editable
+    or not), a wheel or sdist file, a VCS URL, or an index/wheelhouse (pip's direct_url.json says
+    which, PEP 610); code run from a checkout that is not the installed one: that checkout."""
+    pip = f"{shlex.quote(python)} -m pip install"
+    url = str((direct_url or {}).get("url", ""))
+    parsed = urlparse(url)
+    if not installed or (direct_url and "dir_info" in direct_url
+                         and Path(unquote(parsed.path)).resolve() != running_from):
+        if (running_from / "pyproject.toml").exists():
+            return f"{pip} -e {shlex.quote(f'{running_from}[{extra}]')}"
+        return f"{pip} {shlex.quote(f'{DISTRIBUTION}[{extra}]')}"
+    if direct_url and "dir_info" in direct_url:
+        editable = "-e " if direct_url["dir_info"].get("editable") else ""
+        return f"{pip} {editable}{shlex.quote(f'{unquote(parsed.path)}[{extra}]')}"
+    if direct_url and "archive_info" in direct_url and parsed.scheme == "file":
+        return f"{pip} {shlex.quote(f'{unquote(parsed.path)}[{extra}]')}"
+    if direct_url and "vcs_info" in direct_url:
+        vcs = direct_url["vcs_info"]
+        kind = vcs.get("vcs", "git")
+        ref = "@" + str(vcs["requested_revision"]) if vcs.get("requested_revision") else ""
+        return f"{pip} {shlex.quote(f'{DISTRIBUTION}[{extra}] @ {kind}+{url}{ref}')}"
+    if direct_url:
+        return f"{pip} {shlex.quote(f'{DISTRIBUTION}[{extra}] @ {url}')}"
+    return (f"{pip} {shlex.quote(f'{DISTRIBUTION}[{extra}]')}   (offline, as install.sh --wheels: add"
+            " --no-index --find-links WHEELHOUSE, with the extra's wheels in it:"
+            f" pip wheel -w WHEELHOUSE '.[{extra}]')")
+
+
+def how_installed() -> tuple[dict[str, Any] | None, bool]:
+    """(the distribution's direct_url.json, whether it is installed at all)."""
+    try:
+        distribution = metadata.distribution(DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        return None, False
+    text = distribution.read_text("direct_url.json")
+    try:
+        found = json.loads(text) if text else None
+    except ValueError:
+        found = None
+    return (found if isinstance(found, dict) else None), True
+
+
+def missing_extra_message() -> str:
+    direct_url, installed = how_installed()
+    return ("the demo needs the optional `demo` extra (the asyncssh package), which is not installed."
+            f" Install it with:\n  {install_line('demo', direct_url, installed)}")
 
 
 def run_demo(keep: bool = False) -> int:
