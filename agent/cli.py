@@ -23,6 +23,7 @@ from loguru import logger
 from agent.config import Config, ConfigError, ImportsConfig, ImportType, load_config
 from agent.logs import escape_controls, setup_logging
 from agent.store.journal import FileRecord, FileState, Journal, JournalError, journal_error
+from agent.units import counted
 
 P = ParamSpec("P")
 EXIT_RUNTIME = 1
@@ -255,7 +256,7 @@ def validate(files: tuple[Path, ...], import_type: str | None, config_path: Path
             for line in human_lines(result):
                 click.echo(line)
         bad = sum(not result.ok for result in results)
-        click.echo(f"{len(results) - bad} of {len(results)} file(s) valid"
+        click.echo(f"{len(results) - bad} of {counted(len(results), 'file')} valid"
                    + (f", {bad} invalid" if bad else ""))
     sys.exit(EXIT_RUNTIME if any(not result.ok for result in results) else 0)
 
@@ -366,7 +367,7 @@ def doctor(config_path: Path | None) -> None:
             click.echo(f"     fix: {result.fix}")
         failed += result.outcome != Outcome.PASS
     if failed:
-        click.echo(f"{failed} check(s) did not pass")
+        click.echo(f"{counted(failed, 'check')} did not pass")
         sys.exit(EXIT_RUNTIME)
     click.echo("all checks passed")
 

@@ -30,6 +30,7 @@ from agent.logs import file_fields
 from agent.store.archive import Filer
 from agent.store.fsutil import durable_moves, ensure_dir, fsync_dir
 from agent.store.journal import FileRecord, FileState, Journal, iso_utc
+from agent.units import counted
 
 HASH_CHUNK = 1024 * 1024
 CLAIM_BATCH = 64  # settled files claimed with one journal commit and one fsync per folder
@@ -135,8 +136,8 @@ class Intake:
         for record, item in zip(queued, ready, strict=True):
             log = logger.bind(**file_fields(record))
             if item.deletes:
-                log.warning("{} is a user-deletion file: sending it will permanently delete {} user(s)",
-                            record.label, item.deletes)
+                log.warning("{} is a user-deletion file: sending it will permanently delete {}",
+                            record.label, counted(item.deletes, "user"))
             log.info("{} queued as {} ({})", record.label, record.remote_name, record.import_type)
         ready.clear()
         self.on_queued()
