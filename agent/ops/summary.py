@@ -51,7 +51,7 @@ def summary_lines(records: list[FileRecord], config: Config, connection_error: s
         headline = f"  #{record.id} {record.name}: {outcome(record, tracking)}"
         why = record.error or (connection_error if record.state in SENDING else None)
         if why and record.state not in (FileState.ARCHIVED, FileState.SPLIT):
-            headline += f" ({first_sentence(why.removeprefix(f'{record.name} was not uploaded: '), 120)})"
+            headline += f" ({first_sentence(why.removeprefix(f'{record.name} was not uploaded: '), 180)})"
         lines.append(escape_controls(headline))
         lines.append(escape_controls(f"      now:  {where_now(record, config)}"))
         lines.append(escape_controls(

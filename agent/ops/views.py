@@ -24,6 +24,7 @@ from agent.imports.naming import remote_name
 from agent.logs import escape_controls
 from agent.store.fsutil import durable_move
 from agent.store.journal import FileRecord, FileState, Journal, iso_utc, spool_name
+from agent.units import counted
 
 if TYPE_CHECKING:
     from agent.pipeline.progress import Progress
@@ -126,7 +127,7 @@ def _cut(text: str, room: int) -> str:
 def status_detail(record: FileRecord, config: Config, progress: Progress | None,
                   events: list[tuple[str, str, str | None]]) -> list[str]:
     """`status NAME|ID`: everything known about one file, the reason and the next step included."""
-    from agent.ops.explain import next_step, reason_file, where_now
+    from agent.ops.explain import first_sentence, next_step, reason_file, where_now
 
     lines = [f"#{record.id} {record.name}",
              f"  state:        {record.state.value}",
@@ -153,8 +154,9 @@ def status_detail(record: FileRecord, config: Config, progress: Progress | None,
     lines.append(f"  next step:    {next_step(record, config)}")
     if events:
         at, state, message = events[-1]
-        lines.append(f"  last event:   {at} {state}" + (f": {message}" if message else "")
-                     + f" (`saasquatch-agent history {record.id}` shows all {len(events)})")
+        said = f": {first_sentence(message, 100)}" if message else ""
+        lines.append(f"  last event:   {at} {state}{said} (`saasquatch-agent history {record.id}` shows all"
+                     f" {counted(len(events), 'event')})")
     return [escape_controls(line) for line in lines]
 
 
