@@ -86,3 +86,21 @@ def test_nothing_to_do_says_so(sandbox: tuple[SandboxServer, Path], tmp_path: Pa
     result = env.run_once(timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "nothing in drop/ or waiting in the spool" in result.stdout, result.stdout
+
+
+def test_a_split_file_counts_by_its_parts(sandbox: tuple[SandboxServer, Path], tmp_path: Path) -> None:
+    server, key = sandbox
+    env = sandbox_env(tmp_path, server, key)
+    env.write_config("[imports]\nmax_records = 2\n", settle_seconds=0)
+    five = b"accountId,id\n" + b"".join(b"a%d,u%d\n" % (i, i) for i in range(5))
+    env.drop_atomically("users_five.csv", five)
+
+    result = env.run_once(timeout=60)
+
+    assert result.returncode == 0, result.stdout + result.stderr  # every part delivered: nothing failed
+    found = entries(result.stdout)
+    assert found["users_five.csv"][0].endswith(": split"), result.stdout
+    assert "each part is delivered as a file of its own" in found["users_five.csv"][2]
+    assert [name for name in found if name != "users_five.csv"] == [
+        f"users_five_part{k}of3.csv" for k in (1, 2, 3)], result.stdout
+    assert result.stdout.rstrip().splitlines()[-1] == "4 files: 3 archived, 1 split", result.stdout
