@@ -327,14 +327,18 @@ def trust_host(config_path: Path | None, fingerprint: str | None, hashed: bool) 
         if normalize_fingerprint(fingerprint) != info.fingerprint:
             fail(f"fingerprint mismatch: expected {normalize_fingerprint(fingerprint)}, the server offered"
                  f" {info.fingerprint}; nothing written", EXIT_RUNTIME)
-    elif not sys.stdin.isatty():  # no one to ask: say how to confirm without a terminal
-        source = f" --config {config.source}" if config_path else ""
-        fail(f"no terminal to confirm the fingerprint on; nothing written. Check {info.fingerprint} against"
-             " the one SaaSquatch shows for your SFTP server, then run: saasquatch-agent trust-host"
-             f"{source} --fingerprint {info.fingerprint}", EXIT_RUNTIME)
-    elif not click.confirm("Does this fingerprint match the one SaaSquatch shows for your SFTP server?",
-                           default=False):
-        fail("not confirmed; nothing written", EXIT_RUNTIME)
+    else:
+        try:
+            confirmed = click.confirm("Does this fingerprint match the one SaaSquatch shows for your SFTP"
+                                      " server?", default=False)
+        except click.Abort:  # no answer (no terminal, stdin closed): say how to confirm without one
+            click.echo("", err=True)
+            source = f" --config {config.source}" if config_path else ""
+            fail(f"no terminal to confirm the fingerprint on; nothing written. Check {info.fingerprint}"
+                 " against the one SaaSquatch shows for your SFTP server, then run: saasquatch-agent"
+                 f" trust-host{source} --fingerprint {info.fingerprint}", EXIT_RUNTIME)
+        if not confirmed:
+            fail("not confirmed; nothing written", EXIT_RUNTIME)
     try:
         write_known_host(cfg.known_hosts, info, hashed=hashed)
     except OSError as exc:
