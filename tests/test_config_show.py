@@ -195,3 +195,12 @@ def test_doctor_says_how_to_make_an_unreadable_file_readable(tmp_path: Path) -> 
 
     [fix] = config_fixes(error, path)
     assert fix.startswith(f"let the agent's user read {path}") and "chmod 0640" in fix
+
+
+def test_every_kind_of_configuration_problem_has_its_own_fix(tmp_path: Path) -> None:
+    from agent.config import PROBLEM_KINDS
+    from agent.ops.configshow import config_fixes
+
+    path = tmp_path / "agent.toml"
+    fixes = [config_fixes(ConfigError("x", ((kind, "sftp.port"),)), path)[0] for kind in PROBLEM_KINDS]
+    assert len(set(fixes)) == len(PROBLEM_KINDS), fixes
