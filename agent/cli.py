@@ -24,6 +24,7 @@ from agent.config import Config, ConfigError, ImportsConfig, ImportType, Transpo
 from agent.errors import EXIT_RUNTIME, EXIT_USAGE, AgentError, CommandError, UsageError
 from agent.logs import escape_controls, setup_logging
 from agent.store.journal import FileRecord, FileState, Journal, journal_error
+from agent.units import counted
 
 _CONFIG_PATH = "saasquatch-agent.config_path"  # click's ctx.meta (shared by every context of a call)
 
@@ -31,7 +32,6 @@ _CONFIG_PATH = "saasquatch-agent.config_path"  # click's ctx.meta (shared by eve
 def _remember_config_path(ctx: click.Context, _param: click.Parameter, value: Path | None) -> Path | None:
     ctx.meta[_CONFIG_PATH] = value
     return value
-
 
 config_option = click.option(
     "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -136,18 +136,44 @@ newer_option = click.option("--newer-than", "--since", "newer_than", type=Durati
 
 
 def show_status(config: Config, as_json: bool, states: tuple[str, ...], older_than: timedelta | None,
-                newer_than: timedelta | None) -> None:
-    from agent.ops.views import select, status_table
+                newer_than: timedelta | None, key: str | None = None) -> None:
+    from agent.ops.views import find, select, status_detail, status_table, terminal_width
+    from agent.pipeline.progress import read_progress
 
-    records = select(_records(config), states, older_than, newer_than)
+    progress = read_progress(config.paths.state_dir)
+    events: dict[int, list[tuple[str, str, str | None]]] = {}
+    if key is None:
+        records = _records(config)
+    elif not config.journal_path.exists():
+        raise CommandError(f"no journal yet at {config.journal_path}")
+    else:
+        journal = Journal(config.journal_path, readonly=True)
+        try:
+            records = find(journal, key)
+            events = {record.id: journal.events(record.id) for record in records}
+        finally:
+            journal.close()
+        if not records:
+            raise CommandError(f"no file in the journal is called {key!r} (use the ID or a name from"
+                               " `status`)")
+    records = select(records, states, older_than, newer_than)
     if as_json:
-        click.echo(json.dumps([record.to_json() for record in records], indent=2))
+        click.echo(json.dumps([{**record.to_json(), "progress": (
+            progress[record.id].to_json() if record.id in progress and record.state == FileState.UPLOADING
+            else None)} for record in records], indent=2))
+        return
+    if key is not None:
+        for index, record in enumerate(records):
+            if index:
+                click.echo("")
+            for line in status_detail(record, config, progress.get(record.id), events.get(record.id, [])):
+                click.echo(line)
         return
     if not records:
         filtered = " matching the filters" if states or older_than or newer_than else ""
         click.echo(f"no files{filtered} in the journal ({config.journal_path})")
         return
-    for line in status_table(records):
+    for line in status_table(records, progress, terminal_width()):
         click.echo(line)
 
 
@@ -160,26 +186,40 @@ def main() -> None:
 @main.command()
 @config_option
 @click.option("--once", is_flag=True, help="Process what is in drop/ now, wait for the uploads, exit.")
-def run(config_path: Path | None, once: bool) -> None:
+@click.option("--dry-run", is_flag=True,
+              help="Say what would be taken from drop/ now and what would happen to each file (type,"
+                   " remote name, validation, split plan); nothing is moved or sent. Exit 1 when any would"
+                   " be refused.")
+def run(config_path: Path | None, once: bool, dry_run: bool) -> None:
     """Run the agent (the daemon, or one pass with --once)."""
     from agent.service import run_agent
 
     config = load_config(config_path)
+    if dry_run:
+        from agent.ops.dryrun import dry_run_lines, plan_drop
+
+        setup_logging(config.log.model_copy(update={"level": "WARNING"}))
+        plans = plan_drop(config)
+        for line in dry_run_lines(config, plans):
+            click.echo(line)
+        sys.exit(EXIT_RUNTIME if any(plan.action == "refuse" for plan in plans) else 0)
     refuse_root_on_service_state(config)
     setup_logging(config.log)
-    sys.exit(run_agent(config, once=once))
+    sys.exit(run_agent(config, once=once, report=click.echo))
 
 
 @main.command()
 @config_option
+@click.argument("key", metavar="[NAME|ID]", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array (the stable contract).")
 @state_option
 @older_option
 @newer_option
-def status(config_path: Path | None, as_json: bool, states: tuple[str, ...], older_than: timedelta | None,
-           newer_than: timedelta | None) -> None:
-    """One row per file from the journal (filter by state and age)."""
-    show_status(load_config(config_path), as_json, states, older_than, newer_than)
+def status(config_path: Path | None, key: str | None, as_json: bool, states: tuple[str, ...],
+           older_than: timedelta | None, newer_than: timedelta | None) -> None:
+    """One row per file from the journal (filter by state and age); with NAME or ID, everything known
+    about that file: where it is, why, and what to do next."""
+    show_status(load_config(config_path), as_json, states, older_than, newer_than, key)
 
 
 @main.command()
@@ -206,7 +246,7 @@ def validate(files: tuple[Path, ...], import_type: str | None, config_path: Path
             for line in human_lines(result):
                 click.echo(line)
         bad = sum(not result.ok for result in results)
-        click.echo(f"{len(results) - bad} of {len(results)} file(s) valid"
+        click.echo(f"{len(results) - bad} of {counted(len(results), 'file')} valid"
                    + (f", {bad} invalid" if bad else ""))
     sys.exit(EXIT_RUNTIME if any(not result.ok for result in results) else 0)
 
@@ -230,10 +270,15 @@ def keygen(path: Path) -> None:
               show_default=True, help="The route to show: the SFTP server, or SaaSquatch's import API.")
 def demo(keep: bool, transport: str) -> None:
     """Run the whole flow against a local sandbox (SFTP server or import API; no credentials needed)."""
-    from agent.ops.demo import run_demo
-    from agent.service import Agent
+    from agent.ops.demo import missing_extra_message, run_demo
+    from agent.service import run_once_report
 
-    sys.exit(run_demo(lambda config: Agent(config).run_once(), keep=keep, transport=transport))
+    try:
+        sys.exit(run_demo(run_once_report, keep=keep, transport=transport))
+    except ImportError as exc:
+        if exc.name != "asyncssh":
+            raise
+        raise CommandError(missing_extra_message()) from None
 
 
 @main.command("trust-host")
@@ -269,9 +314,19 @@ def trust_host(config_path: Path | None, fingerprint: str | None, hashed: bool) 
         if normalize_fingerprint(fingerprint) != info.fingerprint:
             raise CommandError(f"fingerprint mismatch: expected {normalize_fingerprint(fingerprint)}, the"
                                f" server offered {info.fingerprint}; nothing written")
-    elif not click.confirm("Does this fingerprint match the one SaaSquatch shows for your SFTP server?",
-                           default=False):
-        raise CommandError("not confirmed; nothing written")
+    else:
+        try:
+            confirmed = click.confirm("Does this fingerprint match the one SaaSquatch shows for your SFTP"
+                                      " server?", default=False)
+        except click.Abort:  # no answer (no terminal, stdin closed): say how to confirm without one
+            click.echo("", err=True)
+            source = f" --config {config.source}" if config_path else ""
+            raise CommandError(
+                f"no terminal to confirm the fingerprint on; nothing written. Check {info.fingerprint}"
+                " against the one SaaSquatch shows for your SFTP server, then run: saasquatch-agent"
+                f" trust-host{source} --fingerprint {info.fingerprint}") from None
+        if not confirmed:
+            raise CommandError("not confirmed; nothing written")
     write_known_host(cfg.known_hosts, info, hashed=hashed)
     click.echo(f"trusted: wrote {info.name} {info.key_type} to {cfg.known_hosts}")
 
@@ -285,8 +340,12 @@ def doctor(config_path: Path | None) -> None:
     try:
         config = load_config(config_path)
     except ConfigError as exc:
+        from agent.config import resolve_config_path
+        from agent.ops.configshow import config_fixes
+
         click.echo(f"FAIL configuration: {exc}")
-        click.echo("     fix: correct the key it names (config/agent.example.toml lists every key)")
+        for fix in config_fixes(exc, resolve_config_path(config_path)):
+            click.echo(f"     fix: {fix}")
         sys.exit(EXIT_USAGE)
     setup_logging(config.log.model_copy(update={"level": "WARNING"}))
     click.echo(f"PASS configuration: {config.source}")
@@ -297,7 +356,7 @@ def doctor(config_path: Path | None) -> None:
             click.echo(f"     fix: {result.fix}")
         failed += result.outcome != Outcome.PASS
     if failed:
-        click.echo(f"{failed} check(s) did not pass")
+        click.echo(f"{counted(failed, 'check')} did not pass")
         sys.exit(EXIT_RUNTIME)
     click.echo("all checks passed")
 
@@ -346,9 +405,16 @@ def retry(config_path: Path | None, key: str) -> None:
         raise CommandError(f"retry of {key!r} did not finish ({exc}); run it again") from exc
     finally:
         journal.close()
-    click.echo(escape_controls(
-        f"#{record.id} {record.name} re-queued as {record.remote_name}; a running agent sends it"
-        f" within {config.watch.rescan_seconds:g} s (or at its next start)"))
+    from agent.ops.wakeup import wake_running_agent
+
+    try:
+        woken = wake_running_agent(config.paths.state_dir)
+    except OSError as exc:  # the hint only: the rescan picks the file up anyway
+        logger.debug("could not wake the agent: {}", exc)
+        woken = False
+    when = ("the running agent sends it now" if woken else
+            "the agent is not running (or not listening): it is sent at its next start or rescan")
+    click.echo(escape_controls(f"#{record.id} {record.name} re-queued as {record.remote_name}; {when}"))
 
 @main.command()
 @config_option
@@ -369,6 +435,22 @@ def report(config_path: Path | None, days: int, as_json: bool) -> None:
         click.echo(f"no files in the last {days} day(s)")
         return
     for line in report_lines(rows):
+        click.echo(line)
+
+
+@main.group("config")
+def config_group() -> None:
+    """Show the configuration the agent uses."""
+
+
+@config_group.command("show")
+@config_option
+@click.option("--defaults", is_flag=True, help="Every key with its default instead (no file needed).")
+def config_show(config_path: Path | None, defaults: bool) -> None:
+    """Print the effective configuration as TOML (defaults filled in, secrets masked)."""
+    from agent.ops.configshow import show
+
+    for line in show(None if defaults else load_config(config_path)):
         click.echo(line)
 
 

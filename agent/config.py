@@ -16,7 +16,15 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from agent.errors import EXIT_USAGE, AgentError
@@ -30,9 +38,18 @@ CONFIG_ENV_VAR = "SAASQUATCH_AGENT_CONFIG"
 
 
 class ConfigError(AgentError):
-    """A configuration problem; the message is one line meant for the operator."""
+    """A configuration problem; the message is one line meant for the operator. `problems`: each
+    problem's kind (one of PROBLEM_KINDS) and the key it is about (None for the whole file), so
+    `doctor` can give the fix for each."""
 
     exit_code = EXIT_USAGE
+
+    def __init__(self, message: str, problems: tuple[tuple[str, str | None], ...] = ()) -> None:
+        super().__init__(message)
+        self.problems = problems
+
+
+PROBLEM_KINDS = ("not_found", "unreadable", "syntax", "unknown_key", "missing_key", "bad_value")
 
 
 class _Section(BaseModel):
@@ -227,19 +244,24 @@ class PerTypeNames(_Section):
         return self
 
 
+DEFAULT_PREFIXES = PerTypeNames(users="users", user_events="userEvents", delete_users="deleteUsers",
+                                reward_redemptions="rewardRedemptions")
+DEFAULT_FOLDERS = PerTypeNames(users="users", user_events="user-events", delete_users="delete-users",
+                               reward_redemptions="reward-redemptions")
+
+
 class ImportsConfig(_Section):
-    prefixes: PerTypeNames = PerTypeNames(
-        users="users",
-        user_events="userEvents",
-        delete_users="deleteUsers",
-        reward_redemptions="rewardRedemptions",
-    )
-    folders: PerTypeNames = PerTypeNames(
-        users="users",
-        user_events="user-events",
-        delete_users="delete-users",
-        reward_redemptions="reward-redemptions",
-    )
+    prefixes: PerTypeNames = DEFAULT_PREFIXES
+    folders: PerTypeNames = DEFAULT_FOLDERS
+
+    @field_validator("prefixes", "folders", mode="before")
+    @classmethod
+    def _defaults_for_the_rest(cls, value: Any, info: ValidationInfo) -> Any:
+        """A table that sets some types only: the others keep their default."""
+        if isinstance(value, dict):
+            default = DEFAULT_PREFIXES if info.field_name == "prefixes" else DEFAULT_FOLDERS
+            return {**default.model_dump(), **value}
+        return value
 
     @field_validator("prefixes")
     @classmethod
@@ -451,15 +473,16 @@ def _resolve_relative(data: dict[str, Any], base: Path) -> None:
                 table[key] = str(base / value)
 
 
-def _describe(error: Any) -> str:
+def _describe(error: Any) -> tuple[str, str, str]:
+    """(kind, key, text) of one pydantic error."""
     location = ".".join(str(part) for part in error["loc"])
     if not location:  # a rule across sections: the message names the keys
-        return str(error["msg"])
+        return "bad_value", "", str(error["msg"]).removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
-        return f"unknown key '{location}'"
+        return "unknown_key", location, f"unknown key '{location}'"
     if error["type"] == "missing":
-        return f"missing required key '{location}'"
-    return f"key '{location}': {error['msg']}"
+        return "missing_key", location, f"missing required key '{location}'"
+    return "bad_value", location, f"key '{location}': {error['msg']}"
 
 
 def parse_config(data: dict[str, Any], source: Path) -> Config:
@@ -469,8 +492,9 @@ def parse_config(data: dict[str, Any], source: Path) -> Config:
     try:
         return Config.model_validate({**data, "source": source})
     except ValidationError as exc:
-        problems = "; ".join(_describe(err) for err in exc.errors())
-        raise ConfigError(f"{source}: {problems}") from None
+        described = [_describe(err) for err in exc.errors()]
+        raise ConfigError(f"{source}: {'; '.join(text for _kind, _key, text in described)}",
+                          tuple((kind, key) for kind, key, _text in described)) from None
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
@@ -479,14 +503,15 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         raw = source.read_bytes()
     except FileNotFoundError:
         raise ConfigError(
-            f"{source}: configuration file not found (pass --config PATH or set {CONFIG_ENV_VAR})"
-        ) from None
+            f"{source}: configuration file not found (pass --config PATH or set {CONFIG_ENV_VAR})",
+            (("not_found", None),)) from None
     except OSError as exc:
-        raise ConfigError(f"{source}: cannot read configuration: {exc.strerror}") from None
+        raise ConfigError(f"{source}: cannot read configuration: {exc.strerror}",
+                          (("unreadable", None),)) from None
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+        raise ConfigError(f"{source}: not valid TOML: {exc}", (("syntax", None),)) from None
     if "source" in data:
-        raise ConfigError(f"{source}: unknown key 'source'")
+        raise ConfigError(f"{source}: unknown key 'source'", (("unknown_key", "source"),))
     return parse_config(data, source)

@@ -1,5 +1,11 @@
 """loguru set-up: plain single lines, JSON on request; stdlib logging routed in.
 
+Text lines start with the time in UTC with a `Z` (as `status`, `history` and the journal write
+times). `log.format = "json"`: one compact JSON object per line with the fields JSON_FIELDS (time in
+UTC with `Z`, level, message, and the file a record is about: file_id, file, remote_name,
+import_type, state, error; null when not known), plus `exception` (the traceback as text) when a
+record has one.
+
 Under journald (`$JOURNAL_STREAM` names our stderr, see sd-daemon(3)) every line starts with the
 syslog priority as `<N>` and carries no timestamp of its own: journald stamps each entry and takes its
 PRIORITY from the prefix, so `journalctl -p warning` shows warnings and errors (tracebacks included).
@@ -7,10 +13,14 @@ PRIORITY from the prefix, so `journalctl -p warning` shows warnings and errors (
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
-from typing import TYPE_CHECKING, TextIO
+import traceback
+from datetime import UTC
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 from loguru import logger
 
@@ -19,7 +29,27 @@ from agent.config import LogConfig, LogFormat
 if TYPE_CHECKING:
     from loguru import Message, Record
 
-TEXT_FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7} {message}"
+
+class FileFacts(Protocol):
+    """What `file_fields` reads of a journal row (store.journal.FileRecord has it; logs sits below
+    the store, so it names only these)."""
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def remote_name(self) -> str | None: ...
+    @property
+    def import_type(self) -> str | None: ...
+    @property
+    def error(self) -> str | None: ...
+    @property
+    def state(self) -> StrEnum: ...
+
+TEXT_FORMAT = "{time:YYYY-MM-DDTHH:mm:ss.SSS!UTC}Z {level: <7} {message}"
+FILE_FIELDS = ("file_id", "file", "remote_name", "import_type", "state", "error")
+JSON_FIELDS = ("time", "level", "message", *FILE_FIELDS)
 JOURNAL_FORMAT = "{level: <7} {message}"  # journald adds the time itself
 # Control characters in a message (a dropped file's name may hold a newline) are shown escaped, so
 # a file name can never forge or split a log line.
@@ -35,6 +65,27 @@ def escape_controls(text: str) -> str:
 
 def _one_line(record: Record) -> None:
     record["message"] = escape_controls(record["message"])
+
+
+def file_fields(record: FileFacts) -> dict[str, Any]:
+    """What a log record about this file carries (`logger.bind(**file_fields(record))`): the JSON
+    fields file_id, file, remote_name, import_type, state and error, as the row is now."""
+    return {"file_id": record.id, "file": record.name, "remote_name": record.remote_name,
+            "import_type": record.import_type, "state": record.state.value, "error": record.error}
+
+
+def json_line(record: Record) -> str:
+    """One record as one compact JSON object (JSON_FIELDS, and `exception` when there is one)."""
+    extra = record["extra"]
+    moment = record["time"].astimezone(UTC)
+    line: dict[str, Any] = {"time": moment.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                            "level": record["level"].name, "message": record["message"]}
+    line.update((field, extra.get(field)) for field in FILE_FIELDS)
+    exception = record["exception"]
+    if exception is not None and exception.type is not None:
+        line["exception"] = "".join(traceback.format_exception(exception.type, exception.value,
+                                                               exception.traceback)).rstrip()
+    return json.dumps(line, ensure_ascii=False, separators=(",", ":"), default=str)
 
 
 def _with_file(base: str, record: Record) -> str:
@@ -87,6 +138,20 @@ class _JournalSink:
         self._stream.flush()
 
 
+class _JsonSink:
+    """One JSON object per record and line (`<N>`-prefixed under journald)."""
+
+    def __init__(self, stream: TextIO, journald: bool) -> None:
+        self._stream = stream
+        self._journald = journald
+
+    def __call__(self, message: Message) -> None:
+        record = message.record
+        prefix = f"<{syslog_priority(record['level'].no)}>" if self._journald else ""
+        self._stream.write(f"{prefix}{json_line(record)}\n")
+        self._stream.flush()
+
+
 class _InterceptHandler(logging.Handler):
     """Send records of libraries that use stdlib logging (APScheduler, paramiko) to loguru.
 
@@ -111,17 +176,19 @@ def setup_logging(config: LogConfig | None = None) -> None:
     config = config or LogConfig()
     logger.remove()
     logger.configure(patcher=_one_line)
-    serialize = config.format == LogFormat.JSON
-    if under_journald():
+    journald = under_journald()
+    if config.format == LogFormat.JSON:
+        logger.add(_JsonSink(sys.stderr, journald), level=config.level, format="{message}", colorize=False,
+                   backtrace=False, diagnose=False)
+    elif journald:
         logger.add(_JournalSink(sys.stderr), level=config.level, format=_journal_format, colorize=False,
-                   serialize=serialize, backtrace=False, diagnose=False)
+                   backtrace=False, diagnose=False)
     else:
         logger.add(
             sys.stderr,
             level=config.level,
             format=_text_format,
             colorize=sys.stderr.isatty(),
-            serialize=serialize,
             backtrace=False,
             diagnose=False,  # never print local variables (they may hold key material)
         )

@@ -22,10 +22,13 @@ from agent.errors import AgentError
 from agent.intake.claim import Intake
 from agent.intake.settle import NOTICE_LIMIT, SettleQueue
 from agent.intake.watch import DropScanner, DropWatcher
-from agent.logs import setup_logging
+from agent.logs import file_fields, setup_logging
+from agent.ops.summary import run_records
+from agent.ops.wakeup import WakeListener
 from agent.pipeline.api_upload import API_SENDABLE_STATES, ApiUploader
 from agent.pipeline.lifecycle import TRACKED_STATES, Lifecycle
 from agent.pipeline.notify import Notifier as FileNotifier
+from agent.pipeline.progress import UploadProgress
 from agent.pipeline.upload import Uploader
 from agent.pipeline.upload_worker import UploadWorker, upload_sessions
 from agent.store.adopt import reconcile_spool
@@ -92,6 +95,7 @@ class Agent:
         self.filer = Filer(config, self.journal, on_failed=lambda record: notifier.submit(record, "failed"))
         self.scanner = DropScanner(paths.drop, _type_folders(config))
         self.scanner.create_folders()
+        self.progress = UploadProgress(paths.state_dir)  # `status` shows an upload's bytes sent
         self.uploader: Uploader | ApiUploader
         sessions: SessionPool | None = None
         if api:  # SaaSquatch's import API (pipeline/api_upload.py): no SFTP session, no status poll
@@ -107,7 +111,7 @@ class Agent:
             sessions = upload_sessions(self.session, config.sftp, config.upload.concurrency)
             self.lifecycle = Lifecycle(config, self.journal, self.filer, notifier=notifier, pool=sessions)
             # a file whose bytes changed after it was taken waits until stable, then is checked again
-            self.uploader = Uploader(config, self.journal, self.filer, self.session,
+            self.uploader = Uploader(config, self.journal, self.filer, self.session, progress=self.progress,
                                      after_upload=self.lifecycle.after_upload,
                                      archive_on_publish=not tracking,  # the batch path files at once
                                      after_archive=self.lifecycle.compress,
@@ -121,6 +125,8 @@ class Agent:
                                   self.intake.check_again, refill=self.rescan)
         self.watcher: DropWatcher | None = None
         self.scheduler: BackgroundScheduler | None = None
+        self.wakeup = WakeListener(paths.state_dir, self.worker.wake)  # `retry`: sent within a second
+        self.once_records: list[FileRecord] = []  # `run --once`: the files it dealt with, at its end
 
     def recover(self) -> None:
         """Bring every unfinished row and the disk into agreement before any new work starts: first
@@ -147,7 +153,7 @@ class Agent:
                 self.filer.quarantine(record, f"the claimed copy of {record.name} ({record.local_path})"
                                       " is missing from the spool; it cannot be uploaded")
             else:
-                logger.bind(file_id=record.id, file=record.name).info(
+                logger.bind(**file_fields(record)).info(
                     "{} resumes in state {}", record.label, record.state.value)
 
     def _check_again_when_stable(self, record: FileRecord) -> None:
@@ -183,6 +189,7 @@ class Agent:
                                    coalesce=True, max_instances=1,
                                    next_run_time=datetime.now(UTC) + timedelta(seconds=min(every, 30.0)))
         self.scheduler.start()
+        self.wakeup.start()
         self.rescan()
         logger.info("watching {} (settle {} s, rescan every {} s); uploading to {}",
                     self.config.paths.drop, self.config.watch.settle_seconds,
@@ -203,6 +210,7 @@ class Agent:
         deadline = time.monotonic() + self.config.daemon.stop_timeout_seconds
         if self.watcher is not None:
             self.watcher.stop()
+        self.wakeup.stop()
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=False)
         self.settle.stop(max(0.1, deadline - time.monotonic()))
@@ -211,6 +219,7 @@ class Agent:
         self.lifecycle.stop(max(0.1, deadline - time.monotonic()))
         if isinstance(self.uploader, ApiUploader):
             self.uploader.close()
+        self.progress.close()
         self.journal.close()
         self._lock_file.close()
 
@@ -226,21 +235,20 @@ class Agent:
         self.settle.start()
         self.rescan()
         limit = self.config.retry.once_max_attempts
+        self.uploader.attempt_limit = limit  # the last failed attempt says it gives up, not "retrying"
         while True:
             # one COUNT query: listing every row each 50 ms was quadratic in a backlog
             if (self.settle.idle() and not self.worker.busy.is_set()
-                    and not self.journal.count_below_attempts(self.journal.sendable_states, limit)):
+                    and (self.uploader.connection_failures >= limit
+                         or not self.journal.count_below_attempts(self.journal.sendable_states, limit))):
                 break
             time.sleep(ONCE_POLL_SECONDS)
         self.filer.resume_held()  # refused files whose move to failed/ waited for it
-        done = (FileState.ARCHIVED, *(TRACKED_STATES if self.config.status.tracking else ()))
-        total, not_done = self.journal.outcome(start_ids, first_new_id, done)
+        # a split original is done when its parts are (they are rows of the run too)
+        done = (FileState.ARCHIVED, FileState.SPLIT, *(TRACKED_STATES if self.config.status.tracking else ()))
+        self.once_records = run_records(self.journal, start_ids, first_new_id)
         self.stop()
-        for record in not_done:
-            logger.bind(file_id=record.id, file=record.name).error(
-                "{} ended {}: {}", record.label, record.state.value, record.error)
-        logger.info("--once: {} file(s) archived, {} not", total - len(not_done), len(not_done))
-        return 1 if not_done else 0
+        return 1 if any(record.state not in done for record in self.once_records) else 0
 
 
 def destination(config: Config) -> str:
@@ -268,9 +276,10 @@ def take_lock(path: Path) -> IO[str]:
     return handle
 
 
-def run_agent(config: Config, *, once: bool) -> int:
-    """`saasquatch-agent run`: one pass (`--once`: 0 when every file ended archived) or the daemon.
-    An unusable key stops it before anything is touched (files stay queued): StartError."""
+def run_agent(config: Config, *, once: bool, report: Callable[[str], object] = print) -> int:
+    """`saasquatch-agent run`: one pass (`--once`: 0 when every file ended archived; its per-file
+    summary goes to `report`) or the daemon. An unusable key stops it before anything is touched
+    (files stay queued): StartError."""
     from agent.transport.api import ApiKeyError, api_key_path, load_api_key
 
     try:
@@ -278,9 +287,24 @@ def run_agent(config: Config, *, once: bool) -> int:
             load_api_key(api_key_path(config.api))
         else:
             load_private_key(private_key_path(config.sftp))
-        return Agent(config).run_once() if once else run_daemon(config)
+        if not once:
+            return run_daemon(config)
+        code, summary = run_once_report(config)
+        for line in summary:
+            report(line)
+        return code
     except (PrivateKeyError, ApiKeyError, OSError) as exc:
         raise StartError(f"cannot start: {exc}") from exc
+
+
+def run_once_report(config: Config) -> tuple[int, list[str]]:
+    """`run --once`: its exit code and the per-file summary it ends with (outcome, where the file
+    is now, the next step; a totals line)."""
+    from agent.ops.summary import summary_lines
+
+    agent = Agent(config)
+    code = agent.run_once()
+    return code, summary_lines(agent.once_records, config, agent.uploader.last_connection_error)
 
 
 def run_daemon(config: Config) -> int:

@@ -227,7 +227,9 @@ cat <<EOF
 saasquatch-agent is installed ($unit).
   configuration: $config$([ "$created_config" = 1 ] && echo " (new: set [sftp] host, port, username, remote_dir)")
   drop folder:   $state/drop  (add people who drop files: usermod -a -G $DROP_GROUP NAME)
-Next steps:
+Next steps:$([ "$package" = 0 ] && ! command -v saasquatch-agent >/dev/null && printf '\n%s\n%s' \
+  "  0. the saasquatch-agent command is not installed (--no-package): run this script without" \
+  "     --no-package, or install the package yourself so that $BIN/saasquatch-agent runs it")
   1. saasquatch-agent keygen $key
      and paste the printed public line into SaaSquatch (Integrations > SFTP Import Integration)
   2. saasquatch-agent trust-host --config $config

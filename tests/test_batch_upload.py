@@ -219,18 +219,25 @@ def test_connection_cut_while_a_batch_is_written(proxied_env: AgentEnv, sshd_pro
     env = proxied_env
     inputs = cut_inputs()
     total = sum(len(data) for data in inputs.values())
-    # past the SSH handshake and login (a few KB): inside the batch's writes on the first connection
-    sshd_proxy.cut_after_bytes = 20_000 + total // 2
+    # The server is unreachable until every file is queued, so the first connection carries one
+    # batch of all of them, whatever the load (no batch of one, no second connection meanwhile).
+    sshd_proxy.refuse = True
     drop_all(env, inputs)
     env.start()
     try:
+        assert wait_until(lambda: list(env.states().values()) == ["queued"] * len(inputs), 30), env.log()
+        offset = len(env.log())
+        # past the SSH handshake and login (a few KB): inside that batch's writes
+        sshd_proxy.cut_after_bytes = 20_000 + total // 2
+        sshd_proxy.refuse = False
         assert sshd_proxy.wait_until(lambda p: p.connections_cut >= 1, 30), env.log()
         sshd_proxy.cut_after_bytes = None
         assert wait_until(lambda: len(env.archived_files()) == len(inputs), 40), env.log()
     finally:
         assert env.stop() == 0, env.log()
     log = env.log()
-    assert len(interrupted_first_try(log)) > 1, log  # the cut met files sent together
+    cut = re.findall(r"'(users_cut\d+\.csv)' not uploaded \(attempt \d+\): (?!cannot connect)", log[offset:])
+    assert len(cut) > 1, log  # the cut met files sent together
     assert_delivered_once(env, sshd_server.local_remote_dir, inputs, log)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,11 +22,13 @@ def test_demo_runs_the_whole_flow_and_exits_zero() -> None:
                             timeout=80, env=env, cwd=REPO, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
-    assert "users_spring-signups.csv\n  state:  archived" in out
-    assert "userEvents_purchases.jsonl\n  state:  archived" in out
-    assert "users_missing-ids.csv\n  state:  failed" in out
-    assert "remote: /imports/users_spring-signups_" in out
-    assert "'id' is required" in out
+    # the `run --once` summary, then the `status` table
+    assert re.search(r"^  #\d+ users_spring-signups\.csv: archived$", out, re.MULTILINE), out
+    assert re.search(r"^  #\d+ userEvents_purchases\.jsonl: archived$", out, re.MULTILINE), out
+    assert re.search(r"^  #\d+ users_missing-ids\.csv: failed \(.*'id' is required", out, re.MULTILINE), out
+    assert "on the server as /imports/users_spring-signups_" in out
+    assert "3 files: 2 archived, 1 failed" in out
+    assert re.search(r"^ID +STATE +TYPE +AGE +NAME +REMOTE NAME", out, re.MULTILINE), out
 
 
 @pytest.mark.timeout(90)

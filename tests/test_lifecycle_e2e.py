@@ -4,8 +4,9 @@ SaaSquatch answering in each status convention; plus `retry`, `history`, `status
 from __future__ import annotations
 
 import json
+import sqlite3
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -137,15 +138,33 @@ def test_success_in_each_convention(convention: str, sshd_server: SshdServer, tm
     assert notified(env) == []
 
 
-def failing_script(name: str) -> Sequence[Step]:
-    return [Write("{name}.status", "PROCESSING\n", delay=0.2),
-            Write("{stem}.errors.csv", errors_csv((2, "This request requires a valid non-empty id",
-                                                    "BAD_REQUEST", 400)), delay=0.6)]
+def journal_state(env: AgentEnv, remote_name: str) -> str | None:
+    """The state the agent's journal holds for an upload (read-only, from the test process)."""
+    path = env.state / "journal.sqlite3"
+    if not path.exists():
+        return None
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        db.execute("PRAGMA busy_timeout=5000")
+        found = db.execute("SELECT state FROM files WHERE remote_name = ?", (remote_name,)).fetchone()
+    finally:
+        db.close()
+    return str(found[0]) if found else None
+
+
+def failing_script(env: AgentEnv) -> Callable[[str], Sequence[Step]]:
+    """PROCESSING, then (only once the agent has seen it: no poll can skip a state) the errors file."""
+    def script(name: str) -> Sequence[Step]:
+        return [Write("{name}.status", "PROCESSING\n", delay=0.2),
+                Write("{stem}.errors.csv", errors_csv((2, "This request requires a valid non-empty id",
+                                                        "BAD_REQUEST", 400)), delay=0.3,
+                      when=lambda upload: journal_state(env, upload) == "processing")]
+    return script
 
 
 def test_failure_with_errors_csv(sshd_server: SshdServer, tmp_path: Path, running: list[AgentEnv]) -> None:
     env = make_env(tmp_path / "agent", sshd_server, STATUS_FILES)
-    with FakeSaaSquatch(sshd_server.local_remote_dir, failing_script):
+    with FakeSaaSquatch(sshd_server.local_remote_dir, failing_script(env)):
         running.append(env)
         env.start()
         env.drop_atomically("users_bad.csv", users_csv(3, "bad"))

@@ -213,14 +213,15 @@ def test_logs_name_the_file_and_hold_no_key_material(sshd_server: SshdServer, tm
         assert needle not in logs
     ids = {r["name"]: r["id"] for r in env.status()}
     if log_format == "json":
-        records = [json.loads(line)["record"] for line in result.stderr.splitlines() if line.startswith("{")]
+        records = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
         about = [r for r in records if "users_logs.csv" in r["message"] or "users_bad.csv" in r["message"]]
         assert len(about) >= 4
         for record in about:
             name = "users_logs.csv" if "users_logs.csv" in record["message"] else "users_bad.csv"
-            assert record["extra"]["file_id"] == ids[name] and record["extra"]["file"] == name, record
-        messages = [r["message"] for r in records if r["extra"].get("file") == "users_logs.csv"]
-        assert any("uploaded as" in m for m in messages) and any("archived to" in m for m in messages)
+            assert record["file_id"] == ids[name] and record["file"] == name, record
+        messages = [r["message"] for r in records if r.get("file") == "users_logs.csv"]
+        assert any("uploaded as" in m for m in messages), records
+        assert any("archived to" in m for m in messages), records
     else:
         assert "\x1b[" not in logs  # no colour codes when stderr is not a terminal
         for line in result.stderr.splitlines():

@@ -232,7 +232,7 @@ def test_log_lines_under_journald_carry_priority_and_no_timestamp(tmp_path: Path
         subprocess.run([sys.executable, "-c", _JOURNALD_CHILD, mode], cwd=REPO, stderr=stderr, timeout=60,
                        check=True, env={**os.environ, "PYTHONPATH": str(REPO), "JOURNAL_STREAM": "1:2"})
     lines = (tmp_path / "stderr").read_text().splitlines()
-    stamp = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")
+    stamp = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")  # UTC with a zone marker
     if mode == "terminal":  # a stale $JOURNAL_STREAM (another file) is ignored: plain lines
         assert all(not line.startswith("<") for line in lines), lines
         assert stamp.match(lines[0]) and lines[0].endswith("INFO    hello"), lines

@@ -54,10 +54,10 @@ def test_valid_files_pass_with_their_type_and_remote_name(tmp_path: Path) -> Non
     result = validate(*(tmp_path / name for name in files))
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
-    assert lines[-1] == "4 of 4 file(s) valid"
+    assert lines[-1] == "4 of 4 files valid"
     assert any(line.startswith(f"{tmp_path}/users_a.csv: valid: users (MUTATION/USER), CSV, 2 records")
                and "would be uploaded as users_a_" in line for line in lines), lines
-    assert "  warning: sending it will permanently delete 2 user(s)" in lines
+    assert "  warning: sending it will permanently delete 2 users" in lines
     code, report = as_json(*(tmp_path / name for name in files))
     assert code == 0 and [r["valid"] for r in report] == [True] * 4
     assert [r["job_type"] for r in report] == ["MUTATION/USER", "MUTATION/USER_EVENT", "MUTATION/DELETE_USER",
@@ -76,7 +76,7 @@ def test_invalid_file_lists_record_numbers_and_exits_1(tmp_path: Path) -> None:
     assert f"{bad}: INVALID" in out
     assert "  record 2, field 'id': 'id' is required and must not be empty" in out
     assert "  record 2, field 'locale':" in out and "record 3" in out
-    assert out.splitlines()[-1] == "1 of 2 file(s) valid, 1 invalid"
+    assert out.splitlines()[-1] == "1 of 2 files valid, 1 invalid"
     code, report = as_json(bad, good)
     assert code == 1
     assert report[0]["valid"] is False and report[0]["action"] == "refuse"

@@ -18,8 +18,9 @@ FORBIDDEN: dict[str, set[str]] = {
 }
 # rooms that may import nothing of agent/ but themselves and these
 ONLY: dict[str, set[str]] = {
-    "imports": {"errors"},  # the pure import rules: no configuration, no journal, no transport
+    "imports": {"errors", "units"},  # the pure import rules: no configuration, no journal, no transport
     "errors": set(),  # the error family (agent/errors.py): a leaf every room may use
+    "units": set(),  # counted nouns and human durations (agent/units.py): a leaf too
 }
 
 

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 
 from agent.imports.report import RecordError, ValidationReport
 from agent.imports.types import JOB_TYPES, LABELS, ImportType, Refusal, display_name
+from agent.units import counted
 
 ERRORS_COLUMNS = ("recordNumber", "field", "message")
 SHOWN_IN_REASON = 3
@@ -72,13 +73,13 @@ def _report_paragraph(name: str, report: ValidationReport) -> str:
     if report.over_limits:
         return (
             f"{name} was not uploaded: it is valid but too large for one upload ({report.bytes:,} "
-            f"bytes and {report.records:,} records; the limits are {report.max_file_bytes:,} bytes "
+            f"bytes and {counted(report.records, 'record')}; the limits are {report.max_file_bytes:,} bytes "
             f"and {report.max_records:,} records per file), and the agent is set to refuse "
             "oversized files (imports.oversize = \"refuse\"). Split it into smaller files and drop "
             "those, or set imports.oversize = \"split\" to let the agent split it; nothing was "
             f"sent to SaaSquatch.{safety}"
         )
-    return f"{name} passed every check as {kind} ({report.records:,} records)."
+    return f"{name} passed every check as {kind} ({counted(report.records, 'record')})."
 
 
 def reason_paragraph(file_name: str, report_or_refusal: Outcome) -> str:

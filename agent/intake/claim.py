@@ -24,9 +24,11 @@ from agent.imports.admission import PartOf, admit, part_numbers, spool_part_of
 from agent.imports.split import SplitError, split_file
 from agent.imports.types import FileFormat
 from agent.intake.watch import Candidate, DropScanner, entry_problem
+from agent.logs import file_fields
 from agent.store.archive import Filer
 from agent.store.fsutil import durable_moves, ensure_dir, fsync_dir
 from agent.store.journal import FileRecord, FileState, Journal, iso_utc
+from agent.units import counted
 
 HASH_CHUNK = 1024 * 1024
 QUEUE_FLUSH_BYTES = 8 * 1024 * 1024  # checked files are queued at least every this many bytes
@@ -129,10 +131,10 @@ class Intake:
             for item in ready
         ])
         for record, item in zip(queued, ready, strict=True):
-            log = logger.bind(file_id=record.id, file=record.name)
+            log = logger.bind(**file_fields(record))
             if item.deletes:
-                log.warning("{} is a user-deletion file: sending it will permanently delete {} user(s)",
-                            record.label, item.deletes)
+                log.warning("{} is a user-deletion file: sending it will permanently delete {}",
+                            record.label, counted(item.deletes, "user"))
             log.info("{} queued as {} ({})", record.label, record.remote_name, record.import_type)
         ready.clear()
         self.on_queued()

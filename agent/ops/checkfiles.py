@@ -19,6 +19,7 @@ from agent.imports.admission import Admission, admit
 from agent.imports.split import SplitError, count_parts
 from agent.imports.types import JOB_TYPES, display_name
 from agent.imports.validate import open_regular
+from agent.units import counted
 
 HASH_CHUNK = 1024 * 1024
 
@@ -134,9 +135,9 @@ def human_lines(result: FileCheck) -> list[str]:
     report = adm.report if adm else None
     if result.ok:
         assert adm is not None and adm.import_type is not None and report is not None
-        what = (f"{adm.import_type.value} ({JOB_TYPES[adm.import_type]}), "
-                f"{report.format.value.upper() if report.format else '?'}, {report.records:,} records, "
-                f"{report.bytes:,} bytes")
+        fmt = report.format.value.upper() if report.format else "?"
+        what = (f"{adm.import_type.value} ({JOB_TYPES[adm.import_type]}), {fmt},"
+                f" {counted(report.records, 'record')}, {report.bytes:,} bytes")
         if result.parts is not None:
             tail = (f"over the per-file limits ({report.max_file_bytes:,} bytes, "
                     f"{report.max_records:,} records): would be split into {result.parts} parts")
@@ -144,7 +145,7 @@ def human_lines(result: FileCheck) -> list[str]:
             tail = f"would be uploaded as {adm.remote_name}"
         lines = [f"{shown}: valid: {what}; {tail}"]
         if adm.deletes:
-            lines.append(f"  warning: sending it will permanently delete {adm.deletes:,} user(s)")
+            lines.append(f"  warning: sending it will permanently delete {counted(adm.deletes, 'user')}")
         return lines
     lines = [f"{shown}: INVALID"]
     if result.problem or result.split_problem or (adm and adm.refused_before_reading):

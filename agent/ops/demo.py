@@ -3,18 +3,26 @@ local stand-in for SaaSquatch's import API; no credentials."""
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
+import shlex
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
 
 import click
 
 from agent.config import Config, load_config
 from agent.logs import setup_logging
 from agent.ops.keys import write_new_keypair
+from agent.ops.views import status_table, terminal_width
+from agent.pipeline.progress import read_progress
 from agent.store.journal import FileState, Journal
 
 DEMO_TENANT = "test_demo0sandbox"
@@ -36,9 +44,65 @@ SAMPLES = {
 }
 
 
-def run_demo(run_once: Callable[[Config], object], keep: bool = False, transport: str = "sftp") -> int:
+DISTRIBUTION = "saasquatch-agent"
+CHECKOUT = Path(__file__).resolve().parents[2]  # where this code runs from (a checkout or site-packages)
+
+
+def install_line(extra: str, direct_url: dict[str, Any] | None = None, installed: bool = True,
+                 python: str = sys.executable, running_from: Path = CHECKOUT) -> str:
+    """The pip command that adds `extra` the way this agent was installed: from a checkout (editable
+    or not), a wheel or sdist file, a VCS URL, or an index/wheelhouse (pip's direct_url.json says
+    which, PEP 610); code run from a checkout that is not the installed one: that checkout."""
+    pip = f"{shlex.quote(python)} -m pip install"
+    url = str((direct_url or {}).get("url", ""))
+    parsed = urlparse(url)
+    if not installed or (direct_url and "dir_info" in direct_url
+                         and Path(unquote(parsed.path)).resolve() != running_from):
+        if (running_from / "pyproject.toml").exists():
+            return f"{pip} -e {shlex.quote(f'{running_from}[{extra}]')}"
+        return f"{pip} {shlex.quote(f'{DISTRIBUTION}[{extra}]')}"
+    if direct_url and "dir_info" in direct_url:
+        editable = "-e " if direct_url["dir_info"].get("editable") else ""
+        return f"{pip} {editable}{shlex.quote(f'{unquote(parsed.path)}[{extra}]')}"
+    if direct_url and "archive_info" in direct_url and parsed.scheme == "file":
+        return f"{pip} {shlex.quote(f'{unquote(parsed.path)}[{extra}]')}"
+    if direct_url and "vcs_info" in direct_url:
+        vcs = direct_url["vcs_info"]
+        kind = vcs.get("vcs", "git")
+        ref = "@" + str(vcs["requested_revision"]) if vcs.get("requested_revision") else ""
+        return f"{pip} {shlex.quote(f'{DISTRIBUTION}[{extra}] @ {kind}+{url}{ref}')}"
+    if direct_url:
+        return f"{pip} {shlex.quote(f'{DISTRIBUTION}[{extra}] @ {url}')}"
+    return (f"{pip} {shlex.quote(f'{DISTRIBUTION}[{extra}]')}   (offline, as install.sh --wheels: add"
+            " --no-index --find-links WHEELHOUSE, with the extra's wheels in it:"
+            f" pip wheel -w WHEELHOUSE '.[{extra}]')")
+
+
+def how_installed() -> tuple[dict[str, Any] | None, bool]:
+    """(the distribution's direct_url.json, whether it is installed at all)."""
+    try:
+        distribution = metadata.distribution(DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        return None, False
+    text = distribution.read_text("direct_url.json")
+    try:
+        found = json.loads(text) if text else None
+    except ValueError:
+        found = None
+    return (found if isinstance(found, dict) else None), True
+
+
+def missing_extra_message() -> str:
+    direct_url, installed = how_installed()
+    return ("the demo needs the optional `demo` extra (the asyncssh package), which is not installed."
+            f" Install it with:\n  {install_line('demo', direct_url, installed)}")
+
+
+def run_demo(run_once: Callable[[Config], tuple[int, list[str]]], keep: bool = False,
+             transport: str = "sftp") -> int:
     """The sample files through `run_once` (the agent's `run --once`, passed in by the CLI: the
-    operator commands sit below the service) against a sandbox server; 0 when all went as expected."""
+    operator commands sit below the service; it returns the exit code and the summary lines)
+    against a sandbox server; 0 when all went as expected."""
     if transport == "api":
         return run_api_demo(run_once, keep)
     from agent.ops.sandbox import SandboxServer  # needs the optional `demo` extra
@@ -66,10 +130,13 @@ def run_demo(run_once: Callable[[Config], object], keep: bool = False, transport
             for name, text in SAMPLES.items():
                 (config.paths.drop / name).write_text(text)
             click.echo(f"sandbox SFTP server on {server.host}:{server.port}, files under {root}")
-            run_once(config)
+            _code, summary = run_once(config)
+            click.echo("\n$ saasquatch-agent run --once   # what it prints when it ends")
+            for line in summary:
+                click.echo(line)
         finally:
             server.stop()
-        return _report(config.journal_path, server_root=root / "sftp-server")
+        return _report(config, server_root=root / "sftp-server")
     finally:
         if keep:
             click.echo(f"kept the sandbox folder: {root}")
@@ -77,23 +144,20 @@ def run_demo(run_once: Callable[[Config], object], keep: bool = False, transport
             shutil.rmtree(root, ignore_errors=True)
 
 
-def _report(journal_path: Path, server_root: Path) -> int:
-    journal = Journal(journal_path, readonly=True)
+def _report(config: Config, server_root: Path) -> int:
+    journal = Journal(config.journal_path, readonly=True)
     records = journal.all()
     journal.close()
+    click.echo("\n$ saasquatch-agent status")
+    for line in status_table(records, read_progress(config.paths.state_dir), terminal_width()):
+        click.echo(line)
     click.echo("")
     expected_ok = 0
     for record in records:
-        remote = f"/imports/{record.remote_name}" if record.state == FileState.ARCHIVED else "-"
-        click.echo(f"{record.name}\n  state:  {record.state.value}\n  local:  {record.local_path}\n"
-                   f"  remote: {remote}")
-        if record.error:
-            click.echo(f"  reason: {record.error}")
         arrived = record.remote_name and (server_root / "imports" / record.remote_name).is_file()
         refused = record.name == "users_missing-ids.csv"
         if (refused and record.state == FileState.FAILED) or (not refused and arrived):
             expected_ok += 1
-    click.echo("")
     if expected_ok == len(SAMPLES) == len(records):
         click.echo("demo finished: two files were delivered and archived, the broken one was refused"
                    " with its reason, as expected")
@@ -102,7 +166,7 @@ def _report(journal_path: Path, server_root: Path) -> int:
     return 1
 
 
-def run_api_demo(run_once: Callable[[Config], object], keep: bool = False) -> int:
+def run_api_demo(run_once: Callable[[Config], tuple[int, list[str]]], keep: bool = False) -> int:
     """The same flow over the API route, against a local HTTPS stand-in for SaaSquatch's import API
     (agent/ops/api_sandbox.py; its CA is made now and trusted through api.ca_file)."""
     from agent.ops.api_sandbox import ApiSandbox
@@ -134,7 +198,10 @@ def run_api_demo(run_once: Callable[[Config], object], keep: bool = False) -> in
                 (config.paths.drop / name).write_text(text)
             click.echo(f"sandbox of SaaSquatch's import API on {server.base_url} (HTTPS, a CA made for the"
                        f" demo), files under {root}")
-            run_once(config)
+            _code, summary = run_once(config)
+            click.echo("\n$ saasquatch-agent run --once   # what it prints when it ends")
+            for line in summary:
+                click.echo(line)
         finally:
             server.stop()
         return _report_api(config.journal_path, set(server.jobs))

@@ -1,8 +1,8 @@
 """Operator views and actions on the journal: status table and filters, history, report, retry.
 
 All of it works while the daemon runs: reads open their own read-only connection, and `retry`
-writes through SQLite (WAL, busy timeout) with the same journaled move the daemon uses; the daemon's
-rescan job wakes the upload worker, so a retried file is sent within `watch.rescan_seconds`.
+writes through SQLite (WAL, busy timeout) with the same journaled move the daemon uses, then wakes
+the running agent (agent.ops.wakeup), so a retried file is sent at once.
 """
 
 from __future__ import annotations
@@ -10,11 +10,14 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
+import sys
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.config import Config
 from agent.errors import AgentError
@@ -22,11 +25,17 @@ from agent.imports.naming import remote_name
 from agent.imports.types import ImportType
 from agent.logs import escape_controls
 from agent.store.fsutil import durable_move
-from agent.store.journal import FileRecord, FileState, Journal, spool_name
+from agent.store.journal import FileRecord, FileState, Journal, iso_utc, spool_name
+from agent.units import counted
+
+if TYPE_CHECKING:
+    from agent.pipeline.progress import Progress
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$", re.IGNORECASE)
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 RETRYABLE = (FileState.FAILED, FileState.STALE)
+MIN_DETAIL_COLUMNS = 24  # the last column of `status` goes on its own line when less room is left
+DETAIL_INDENT = 6
 
 
 class OpsError(AgentError):
@@ -70,18 +79,88 @@ def select(records: list[FileRecord], states: tuple[str, ...] = (), older_than: 
     return chosen
 
 
-def status_table(records: list[FileRecord], now: datetime | None = None) -> list[str]:
+def status_table(records: list[FileRecord], progress: Mapping[int, Progress] | None = None,
+                 width: int | None = None, now: datetime | None = None) -> list[str]:
+    """One row per file: names and remote names in full; the last column (an `uploading` file's
+    progress, else the last error) cut to `width` columns (None: never cut), or moved to a line of
+    its own below the row when too little room is left beside the names."""
     now = now or datetime.now(UTC)
-    lines = [f"{'ID':>5}  {'STATE':<10} {'TYPE':<18} {'AGE':>5}  {'NAME':<32} {'REMOTE NAME':<48} LAST ERROR"]
+    progress = progress or {}
+    rows = []
     for r in records:
         age = human_age((now - parse_time(r.created_at)).total_seconds())
-        error = escape_controls(" ".join(
-            (r.error or ("adopted from spool/: the journal had no row" if r.adopted else "")
-             or _imported(r)).split()))
-        name = escape_controls(r.name)
-        lines.append(f"{r.id:>5}  {r.state.value:<10} {r.import_type or '-':<18} {age:>5}  {name[:32]:<32}"
-                     f" {escape_controls(r.remote_name or '-')[:48]:<48} {error[:200]}")
+        shown = progress.get(r.id) if r.state == FileState.UPLOADING else None
+        error = (r.error or "").removeprefix(f"{r.name} was not uploaded: ")  # the row names the file
+        detail = shown.text() if shown is not None else " ".join(
+            (error or ("adopted from spool/: the journal had no row" if r.adopted else "")
+             or _imported(r)).split())
+        rows.append((str(r.id), r.state.value, r.import_type or "-", age, escape_controls(r.name),
+                     escape_controls(r.remote_name or "-"), escape_controls(detail)))
+    header = ("ID", "STATE", "TYPE", "AGE", "NAME", "REMOTE NAME", "PROGRESS OR LAST ERROR")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(6)]
+    room = None if width is None else width - (sum(widths) + 2 * len(widths))
+    below = room is not None and room < MIN_DETAIL_COLUMNS  # the names take the room
+    lines = []
+    for index, row in enumerate([header, *rows]):
+        left = "".join(f"{cell:>{size}}  " if column in (0, 3) else f"{cell:<{size}}  "
+                       for column, (cell, size) in enumerate(zip(row[:6], widths, strict=True)))
+        detail = row[6]
+        if not below:
+            lines.append((left + (detail if room is None else _cut(detail, room))).rstrip())
+            continue
+        lines.append(left.rstrip())
+        if index and detail:  # below its row, indented
+            assert width is not None
+            lines.append(" " * DETAIL_INDENT + _cut(detail, max(MIN_DETAIL_COLUMNS, width - DETAIL_INDENT)))
     return lines
+
+
+def terminal_width() -> int | None:
+    """Columns of the terminal `status` prints to ($COLUMNS first); None when stdout is not a
+    terminal (a pipe or a file gets whole lines)."""
+    if os.environ.get("COLUMNS", "").isdigit() or sys.stdout.isatty():
+        return shutil.get_terminal_size().columns
+    return None
+
+
+def _cut(text: str, room: int) -> str:
+    return text if len(text) <= room else text[: max(0, room - 3)] + "..."
+
+
+def status_detail(record: FileRecord, config: Config, progress: Progress | None,
+                  events: list[tuple[str, str, str | None]]) -> list[str]:
+    """`status NAME|ID`: everything known about one file, the reason and the next step included."""
+    from agent.ops.explain import first_sentence, next_step, reason_file, where_now
+
+    lines = [f"#{record.id} {record.name}",
+             f"  state:        {record.state.value}",
+             f"  import type:  {record.import_type or '-'}",
+             f"  remote name:  {record.remote_name or '-'}",
+             f"  size:         {f'{record.size:,} bytes' if record.size is not None else '-'}",
+             f"  sha256:       {record.sha256 or '-'}",
+             f"  taken:        {record.created_at} (from {record.source_path})",
+             f"  updated:      {record.updated_at}",
+             f"  attempts:     {record.attempts}"]
+    if record.next_attempt_at is not None and record.state in (FileState.QUEUED, FileState.UPLOADING,
+                                                               FileState.PUBLISHING):
+        lines.append(f"  next attempt: {iso_utc(datetime.fromtimestamp(record.next_attempt_at, UTC))}")
+    if progress is not None and record.state == FileState.UPLOADING:
+        lines.append(f"  progress:     {progress.text()} (at {progress.updated_at})")
+    lines.append(f"  now:          {where_now(record, config)}")
+    if record.error:
+        lines.append(f"  reason:       {' '.join(record.error.split())}")
+    reason = reason_file(record)
+    if reason is not None and os.path.exists(reason):
+        lines.append(f"  reason file:  {reason}")
+    if record.adopted:
+        lines.append("  adopted:      from spool/: the journal had no row for it")
+    lines.append(f"  next step:    {next_step(record, config)}")
+    if events:
+        at, state, message = events[-1]
+        said = f": {first_sentence(message, 100)}" if message else ""
+        lines.append(f"  last event:   {at} {state}{said} (`saasquatch-agent history {record.id}` shows all"
+                     f" {counted(len(events), 'event')})")
+    return [escape_controls(line) for line in lines]
 
 
 def _imported(record: FileRecord) -> str:
@@ -115,7 +194,9 @@ def history_lines(found: list[tuple[FileRecord, list[tuple[str, str, str | None]
             f"#{record.id} {record.name} ({record.import_type or 'untyped'}; remote"
             f" {record.remote_name or '-'}; now {record.state.value}; at {record.local_path})"))
         for at, state, message in events:
-            lines.append(escape_controls(f"  {at}  {state:<10} {message or ''}"))
+            if not message and state == record.state.value and record.error:
+                message = record.error  # a journal of an older version left the reason out of the event
+            lines.append(escape_controls(f"  {at}  {state:<10} {' '.join((message or '').split())}"))
     return lines
 
 

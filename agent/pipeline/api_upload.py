@@ -111,6 +111,10 @@ class ApiUploader:
         self._api: ImportApi | None = None
         self._api_lock = threading.Lock()
         self._hold_until = 0.0  # after a connection fault or a refused key every file waits (time.time())
+        # what `run --once` reads and sets on either route (pipeline/upload.Uploader has the same)
+        self.attempt_limit: int | None = None
+        self.connection_failures = 0
+        self.last_connection_error: str | None = None
 
     # ------------------------------------------------------------------ what UploadWorker calls
 

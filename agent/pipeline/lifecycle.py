@@ -44,6 +44,7 @@ from agent.transport.remote_status import (
 )
 from agent.transport.session_pool import SessionPool
 from agent.transport.sftp import ConnectError, PrivateKeyError, SftpSession
+from agent.units import human_duration
 
 if TYPE_CHECKING:
     from apscheduler.schedulers.base import BaseScheduler  # only `run` as a daemon needs it
@@ -244,15 +245,15 @@ class Lifecycle:
         self._tidy_remote(sftp, readings)
 
     def _stale(self, record: FileRecord, uploaded_at: datetime) -> None:
-        hours = self.config.status.timeout / 3600
+        within = human_duration(self.config.status.timeout)
         reason = (
             f"no final word from the server on {record.name} (sent as {record.remote_name} at"
-            f" {iso(uploaded_at)}) within {hours:g} h; it may or may not have been imported: check the"
+            f" {iso(uploaded_at)}) within {within}; it may or may not have been imported: check the"
             " File upload history on SaaSquatch's SFTP integration page. `saasquatch-agent retry"
             f" {record.id}` sends it again under a new name."
         )
         record = self.filer.quarantine(record, reason, state=FileState.STALE,
-                                       message=f"no verdict within {hours:g} h")
+                                       message=f"no verdict within {within}")
         if record.pending_path is None:  # else failed/ cannot take it yet (resume_held finishes it)
             self.notifier.submit(record, "stale")
 

@@ -26,12 +26,15 @@ from loguru import logger
 from agent.config import Config, ImportType
 from agent.errors import AgentError, Fault, classify
 from agent.imports.naming import readable_stem
+from agent.logs import file_fields
+from agent.pipeline.progress import UploadProgress
 from agent.store.adopt import find_published
 from agent.store.archive import Filer
 from agent.store.journal import FINAL_STATES, FileRecord, FileState, Journal
 from agent.transport import pipelining as sftp_batch
 from agent.transport import publish
 from agent.transport.sftp import SftpSession, remote_size
+from agent.units import human_duration
 
 LOCAL_FAULT_PAUSE_SECONDS = 5.0
 BATCH_FILE_MAX_BYTES = 256 * 1024  # files up to this size are sent together (upload.batch_files)
@@ -93,13 +96,17 @@ class Uploader:
                  after_archive: Callable[[FileRecord], FileRecord] = _unchanged,
                  on_changed: Callable[[FileRecord], None] = _ignore,
                  on_published: Callable[[FileRecord, float], None] = _ignore_timing,
-                 heartbeat: Callable[[], None] = _no_heartbeat) -> None:
+                 heartbeat: Callable[[], None] = _no_heartbeat, attempt_limit: int | None = None,
+                 progress: UploadProgress | None = None) -> None:
         self.config = config
         self.journal = journal
         self.filer = filer
         self._default_session = session
         self._local = threading.local()  # upload.concurrency: each worker thread binds its own session
         self.stop_requested = threading.Event()
+        # the back-off after a failed connection belongs to the connection: every waiting file is
+        # due again when the next connection attempt is (oldest first), not each on its own clock
+        self._connection_lock = threading.Lock()
         self._connection_retry_at = 0.0
         self.heartbeat = heartbeat
         self._after_upload = after_upload or filer.archive
@@ -107,6 +114,10 @@ class Uploader:
         self._after_archive = after_archive
         self._on_changed = on_changed
         self._on_published = on_published
+        self.connection_failures = 0  # connection attempts failed in a row (0 once one succeeds)
+        self.last_connection_error: str | None = None
+        self.attempt_limit = attempt_limit  # `run --once`: attempts (per file, and connections in a row)
+        self.progress = progress  # the `uploading` rows' bytes sent (status, log)
 
     @property
     def session(self) -> SftpSession:
@@ -149,6 +160,7 @@ class Uploader:
         try:
             self._attempt(records, results)
         except Exception as exc:  # noqa: BLE001 - every other fault is retried; the files stay queued
+            waiting = []
             for record in records:
                 if record.id in results:
                     continue
@@ -156,8 +168,13 @@ class Uploader:
                 if current.state in FINAL_STATES:  # filed before the fault (finish_moves records those)
                     results[record.id] = current
                     continue
-                with logger.contextualize(file_id=record.id, file=record.name):
-                    results[record.id] = self._fault(current, exc)
+                waiting.append(current)
+            if classify(exc) is Fault.CONNECTION:
+                results.update((record.id, record) for record in self._wait_for_connection(waiting, exc))
+            for current in waiting:
+                if current.id not in results:
+                    with logger.contextualize(file_id=current.id, file=current.name):
+                        results[current.id] = self._fault(current, exc)
         return [results[record.id] for record in records]
 
     def _attempt(self, records: list[FileRecord], results: dict[int, FileRecord]) -> None:
@@ -220,9 +237,16 @@ class Uploader:
                                   if record.state != FileState.UPLOADING], fetch=False)
         pacer = publish.Pacer(self.stop_requested.is_set, self.heartbeat, self.config.sftp.bandwidth_limit,
                               self.stop_requested.wait)
-        publish.open_all(sftp, uploads)
-        self._check_stop()
-        publish.write_all(sftp, uploads, self.session.write_request_size(sftp), pacer)
+        tracker = self.progress.track([rows[upload.file_id] for upload in uploads]) if self.progress else None
+        if tracker is not None:
+            pacer.on_progress = tracker.update
+        try:
+            publish.open_all(sftp, uploads)
+            self._check_stop()
+            publish.write_all(sftp, uploads, self.session.write_request_size(sftp), pacer)
+        finally:
+            if tracker is not None:
+                tracker.done()
         publish.close_all(sftp, uploads)
         self.heartbeat()
         self._check_stop()
@@ -239,7 +263,7 @@ class Uploader:
         elapsed = time.monotonic() - started
         for upload in published:
             record = rows[upload.file_id]
-            logger.bind(file_id=record.id, file=record.name).info(
+            logger.bind(**file_fields(record) | {"state": FileState.UPLOADED.value}).info(
                 "{} uploaded as {} ({} bytes in {:.2f} s{})", record.label, upload.final, record.size,
                 elapsed, f", {len(uploads)} sent together" if len(uploads) > 1 else "")
             self._on_published(record, elapsed / len(published))  # each file's share of the batch's time
@@ -271,8 +295,7 @@ class Uploader:
             (record.id, message, {**done, "pending_path": self.filer.archive_destination(record),
                                   "pending_state": FileState.ARCHIVED}) for record, message in published])
         for record in self.filer.finish_moves(batch):
-            logger.bind(file_id=record.id, file=record.name).info(
-                "{} archived to {}", record.label, record.local_path)
+            logger.bind(**file_fields(record)).info("{} archived to {}", record.label, record.local_path)
             with logger.contextualize(file_id=record.id, file=record.name):
                 results[record.id] = self._after_archive(record)
 
@@ -362,7 +385,12 @@ class Uploader:
         return None
 
     def _client(self) -> paramiko.SFTPClient:
-        return self.session.client()
+        client = self.session.client()
+        if self.connection_failures:
+            with self._connection_lock:
+                self.connection_failures = 0
+                self.last_connection_error = None
+        return client
 
     def _fault(self, record: FileRecord, exc: BaseException) -> FileRecord:
         """A refusal goes to failed/; anything else is retried later (agent.errors.classify)."""
@@ -372,20 +400,58 @@ class Uploader:
         return self._retry_later(record, exc, fault)
 
     def _retry_later(self, record: FileRecord, exc: BaseException, fault: Fault) -> FileRecord:
+        if fault is Fault.CONNECTION:
+            [record] = self._wait_for_connection([record], exc)
+            return record
         if fault in (Fault.RESET, Fault.STOPPING):
             self.session.drop()  # the connection may be in any state after a fault mid-operation
         reason = _describe_fault(exc, fault)
         attempts = record.attempts + 1
         delay = backoff_delay(attempts, self.config.retry.initial_delay_seconds,
                               self.config.retry.max_delay_seconds)
-        if fault is Fault.CONNECTION:
-            self._connection_retry_at = time.time() + delay
         if fault is Fault.STOPPING:
             delay = 0.0
-        logger.warning("{} not uploaded (attempt {}): {}; retrying in {:.1f} s", record.label, attempts,
-                       reason, delay)
-        return self.journal.update(record.id, attempts=attempts, error=reason,
-                                   next_attempt_at=time.time() + delay, message=f"retry: {reason}")
+        limit = self.attempt_limit
+        then = (f"giving up for this run (attempt {attempts} of {limit}); it stays queued"
+                if limit is not None and attempts >= limit and fault is not Fault.STOPPING
+                else f"retrying in {human_duration(delay)}")
+        record = self.journal.update(record.id, attempts=attempts, error=reason,
+                                     next_attempt_at=time.time() + delay, message=f"retry: {reason}")
+        logger.bind(**file_fields(record)).warning("{} not uploaded (attempt {}): {}; {}", record.label,
+                                                   attempts, reason, then)
+        return record
+
+    def _wait_for_connection(self, records: list[FileRecord], exc: BaseException) -> list[FileRecord]:
+        """No connection: the files wait for the connection's next attempt (one back-off for all,
+        growing with the failed attempts in a row), all due together then, oldest first. One log line."""
+        reason = _describe_fault(exc, Fault.CONNECTION)
+        now = time.time()
+        with self._connection_lock:
+            if now >= self._connection_retry_at:  # a new attempt failed (not a concurrent one of it)
+                self.connection_failures += 1
+                self._connection_retry_at = now + backoff_delay(
+                    self.connection_failures, self.config.retry.initial_delay_seconds,
+                    self.config.retry.max_delay_seconds)
+            failures, retry_at = self.connection_failures, self._connection_retry_at
+            self.last_connection_error = reason
+        if not records:
+            return []
+        limit = self.attempt_limit
+        if limit is not None and failures >= limit:
+            then = f"giving up for this run ({failures} failed connection attempts in a row); left queued"
+        else:
+            then = f"retrying in {human_duration(retry_at - now)}, with the next connection attempt"
+        if len(records) == 1:
+            record = records[0]
+            logger.bind(**file_fields(record) | {"error": reason}).warning(
+                "{} not uploaded (attempt {}): {}; {}", record.label, record.attempts + 1, reason, then)
+        else:
+            shown = ", ".join(record.label for record in records[:5])
+            more = f" and {len(records) - 5} more" if len(records) > 5 else ""
+            logger.warning("{} files not uploaded ({}{}): {}; {}", len(records), shown, more, reason, then)
+        return self.journal.update_many([
+            (record.id, f"retry: {reason}", {"attempts": record.attempts + 1, "error": reason,
+                                             "next_attempt_at": retry_at}) for record in records])
 
     def wait_for_connection_slot(self) -> float:
         """Seconds to hold off every file after a connection fault, so N files make one attempt."""

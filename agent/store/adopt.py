@@ -17,6 +17,7 @@ from loguru import logger
 
 from agent.config import Config
 from agent.imports.naming import HASH_CHARS
+from agent.logs import file_fields
 from agent.store.fsutil import STAGING_SUFFIX, durable_move
 from agent.store.journal import FileRecord, FileState, Journal, parse_spool_name, spool_name
 
@@ -100,7 +101,7 @@ def _message(config: Config, path: Path) -> str:
 
 
 def _report(record: FileRecord, path: Path) -> None:
-    logger.bind(file_id=record.id, file=record.name).warning(
+    logger.bind(**file_fields(record)).warning(
         "{} adopted from {}: the journal had no row for it; it is checked again like a new file",
         record.label, path)
 

@@ -16,11 +16,23 @@ from pathlib import Path
 from loguru import logger
 
 from agent.config import Config
+from agent.logs import file_fields
 from agent.store.fsutil import durable_move, durable_moves, ensure_dir, write_durably
 from agent.store.journal import FileRecord, FileState, Journal
 
 SERVER_INFIX = ".server."  # <name>.server.<remote status file>: the server's files, downloaded
 SIDE_SUFFIXES = (".gz", ".reason.txt", ".errors.csv")  # with SERVER_INFIX: every name written beside one
+
+
+def move_message(record: FileRecord) -> str:
+    """The event message of a finished move: where the file went and why (`history`)."""
+    state = FileState(str(record.pending_state))
+    if state in (FileState.FAILED, FileState.STALE):
+        return f"{' '.join((record.error or 'refused').split())} (moved to {record.pending_path})"
+    if state == FileState.SPLIT:
+        return (f"over the per-file limits, so its parts are sent instead; the original is kept in"
+                f" {record.pending_path}")
+    return f"moved to {record.pending_path}"
 
 
 class Filer:
@@ -99,8 +111,7 @@ class Filer:
             dest = self.archive_destination(record)
             record = self.journal.update(record.id, pending_path=dest, pending_state=FileState.ARCHIVED)
             record = self.finish_move(record)
-        logger.bind(file_id=record.id, file=record.name).info(
-            "{} archived to {}", record.label, record.local_path)
+        logger.bind(**file_fields(record)).info("{} archived to {}", record.label, record.local_path)
         return record
 
     def quarantine(self, record: FileRecord, reason: str, errors_csv: str | None = None, *,
@@ -121,7 +132,6 @@ class Filer:
             dest = dest or self.failed_destination(record)
             record = self.journal.update(record.id, pending_path=dest, pending_state=state, error=reason,
                                          message=message)
-        log = logger.bind(file_id=record.id, file=record.name)
         try:
             if errors_csv is not None:
                 write_durably(dest.with_name(dest.name + ".errors.csv"), errors_csv, replace=resuming)
@@ -139,7 +149,8 @@ class Filer:
                     self._reserved.pop(dest, None)
         except OSError as exc:
             return self._hold(record, state, dest, exc)
-        log.error("{} {}: {} (see {})", record.label, state.value, reason, dest.name + ".reason.txt")
+        logger.bind(**file_fields(record)).error("{} {}: {} (see {})", record.label, state.value, reason,
+                                                 dest.name + ".reason.txt")
         if state == FileState.FAILED:
             self._on_failed(record)
         return record
@@ -150,7 +161,7 @@ class Filer:
         text = (f"{record.label} is {state.value} ({record.error}) but cannot be filed in {dest.parent}"
                 f" ({why}); it stays in {record.local_path} and moves to {dest} as soon as"
                 f" {dest.parent} works again (checked every minute)")
-        logger.bind(file_id=record.id, file=record.name).error(text)
+        logger.bind(**file_fields(record) | {"state": state.value}).error(text)
         if record.state == state:
             return record
         return self.journal.update(record.id, state=state, message=f"cannot file in {dest.parent}: {why};"
@@ -186,7 +197,7 @@ class Filer:
             self._reserved.pop(Path(record.pending_path), None)  # taken now: _free sees it on disk
         return self.journal.update(
             record.id, state=FileState(record.pending_state), local_path=record.pending_path,
-            pending_path=None, pending_state=None, next_attempt_at=None,
+            pending_path=None, pending_state=None, next_attempt_at=None, message=move_message(record),
         )
 
     def finish_moves(self, records: list[FileRecord]) -> list[FileRecord]:
@@ -202,7 +213,7 @@ class Filer:
                                 for record in batch])
         moved = [record for record, error in zip(batch, errors, strict=True) if error is None]
         done.update((record.id, record) for record in self.journal.update_many([
-            (record.id, None, {"state": FileState(str(record.pending_state)),
+            (record.id, move_message(record), {"state": FileState(str(record.pending_state)),
                                "local_path": record.pending_path, "pending_path": None,
                                "pending_state": None, "next_attempt_at": None})
             for record in moved

@@ -598,23 +598,6 @@ class Journal:
                                   " ORDER BY id", final).fetchall()
         return [int(row[0]) for row in rows]
 
-    def outcome(self, ids: list[int], from_id: int,
-                done: tuple[FileState, ...]) -> tuple[int, list[FileRecord]]:
-        """For the rows among `ids` or from `from_id` on: how many there are, and those not in a
-        `done` state (`run --once`'s verdict; only the exceptions are loaded)."""
-        marks = ", ".join("?" * len(done))
-        states = tuple(state.value for state in done)
-        with self._reading() as reader:
-            total = len(ids) + int(reader.execute("SELECT COUNT(*) FROM files WHERE id >= ?",
-                                                  (from_id,)).fetchone()[0])
-        rows = []
-        for start in range(0, len(ids), 500):
-            chunk = tuple(ids[start:start + 500])
-            rows += self._select(f"WHERE id IN ({', '.join('?' * len(chunk))}) AND state NOT IN ({marks})",
-                                 (*chunk, *states), "ORDER BY id")
-        rows += self._select(f"WHERE id >= ? AND state NOT IN ({marks})", (from_id, *states), "ORDER BY id")
-        return total, rows
-
     def next_sendable(self, now: float | None = None,
                       exclude: Collection[int] = ()) -> tuple[FileRecord | None, float | None]:
         """The oldest file due for sending, else None and the time the next one falls due.

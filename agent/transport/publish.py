@@ -68,6 +68,7 @@ class Pacer:
         self._wait = wait
         self._started = time.monotonic()
         self._sent = 0
+        self.on_progress: Callable[[int], None] | None = None  # told the bytes sent so far (status, log)
 
     def read_size(self) -> int:
         """Bytes to read at a time: under a bandwidth limit a quarter second of it, so pacing is smooth."""
@@ -78,6 +79,8 @@ class Pacer:
             raise InterruptedError("stopping: upload abandoned, it restarts at next start")
         self._heartbeat()
         self._sent += sent
+        if self.on_progress is not None:
+            self.on_progress(self._sent)
         if self.limit:  # never ahead of limit bytes per second on average
             self._wait(max(0.0, self._sent / self.limit - (time.monotonic() - self._started)))
 

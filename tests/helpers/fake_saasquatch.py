@@ -5,7 +5,8 @@ Runs as a thread next to the sshd fixture (as root the remote folder is a local 
 asks ``script(name)`` what to do and carries the steps out in order, each after its delay:
 
 - ``Write(pattern, text)``: write ``pattern.format(name=..., stem=...)`` (atomically: temp + rename)
-  in the upload folder, or in ``folder`` when given;
+  in the upload folder, or in ``folder`` when given; with ``when``, not before ``when(upload name)``
+  is true (the steps after it wait too), so a script can wait for the agent instead of a time;
 - ``Consume(to)``: move the upload out of the folder (into ``to``), or delete it when ``to`` is None.
 
 Every loop is bounded: the thread polls every ``interval`` seconds and stops on ``stop()``.
@@ -27,6 +28,7 @@ class Write:
     text: str
     delay: float = 0.0
     folder: Path | None = None
+    when: Callable[[str], bool] | None = None  # also wait for this (given the upload's name)
 
 
 @dataclass(frozen=True)
@@ -109,8 +111,18 @@ class FakeSaaSquatch:
     def _carry_out_due(self) -> None:
         now = time.monotonic()
         with self._lock:
-            due = [plan for plan in self._plans if plan[0] <= now]
-            self._plans = [plan for plan in self._plans if plan[0] > now]
+            due, kept, waiting = [], [], set()
+            for plan in self._plans:  # in each upload's script order
+                _at, upload, step = plan
+                ready = plan[0] <= now and upload not in waiting
+                if ready and isinstance(step, Write) and step.when is not None:
+                    ready = step.when(upload)
+                if ready:
+                    due.append(plan)
+                else:
+                    kept.append(plan)
+                    waiting.add(upload)  # its later steps wait for this one
+            self._plans = kept
         for _at, upload, step in due:
             if isinstance(step, Write):
                 target = (step.folder or self.folder) / self._target_name(upload, step)
