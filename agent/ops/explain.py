@@ -11,7 +11,7 @@ import re
 from datetime import UTC, datetime
 from pathlib import Path
 
-from agent.config import Config
+from agent.config import Config, Transport
 from agent.store.journal import FileRecord, FileState, iso_utc
 from agent.units import human_duration
 
@@ -38,9 +38,16 @@ def reason_file(record: FileRecord) -> Path | None:
     return _side(record.pending_path or record.local_path, ".reason.txt")
 
 
+def _remote_place(record: FileRecord, config: Config) -> str | None:
+    """Where the file is on the server: its path on the SFTP route, its fileRef on the API route."""
+    if config.upload.transport == Transport.API:
+        return f"fileRef {record.api_file_ref}" if record.api_file_ref else None
+    return f"{config.sftp.remote_dir.rstrip('/')}/{record.remote_name}" if record.remote_name else None
+
+
 def where_now(record: FileRecord, config: Config) -> str:
     """Where the file lies now, and on the server when it is there."""
-    remote = f"{config.sftp.remote_dir.rstrip('/')}/{record.remote_name}" if record.remote_name else None
+    remote = _remote_place(record, config)
     state = record.state
     if state in (FileState.FAILED, FileState.STALE):
         if record.pending_path:
