@@ -114,26 +114,13 @@ def run_demo(run_once: Callable[[Config], tuple[int, list[str]]], keep: bool = F
         server.start()
         try:
             (root / "keys" / "known_hosts").write_text(server.known_hosts_line() + "\n")
-            config_path = root / "agent.toml"
-            config_path.write_text(
+            config = _config_with_samples(root, (
                 "[sftp]\n"
                 f'host = "{server.host}"\nport = {server.port}\nusername = "{DEMO_TENANT}"\n'
                 'private_key = "keys/id_ed25519"\nknown_hosts = "keys/known_hosts"\n'
-                'remote_dir = "/imports"\n\n'
-                "[paths]\n"
-                'drop = "drop"\nstate_dir = "state"\narchive = "archive"\nfailed = "failed"\n\n'
-                "[watch]\nsettle_seconds = 0\n\n[retry]\nonce_max_attempts = 2\n"
-            )
-            config = load_config(config_path)
-            setup_logging(config.log)
-            config.paths.drop.mkdir(parents=True, exist_ok=True)
-            for name, text in SAMPLES.items():
-                (config.paths.drop / name).write_text(text)
+                'remote_dir = "/imports"\n\n'))
             click.echo(f"sandbox SFTP server on {server.host}:{server.port}, files under {root}")
-            _code, summary = run_once(config)
-            click.echo("\n$ saasquatch-agent run --once   # what it prints when it ends")
-            for line in summary:
-                click.echo(line)
+            _show_run(run_once, config)
         finally:
             server.stop()
         return _report(config, server_root=root / "sftp-server")
@@ -142,6 +129,30 @@ def run_demo(run_once: Callable[[Config], tuple[int, list[str]]], keep: bool = F
             click.echo(f"kept the sandbox folder: {root}")
         else:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def _config_with_samples(root: Path, route: str) -> Config:
+    """root/agent.toml for the demo (the route's section, then the folders under root), logging set
+    up, and the sample files in drop/."""
+    config_path = root / "agent.toml"
+    config_path.write_text(
+        route + "[paths]\n"
+        'drop = "drop"\nstate_dir = "state"\narchive = "archive"\nfailed = "failed"\n\n'
+        "[watch]\nsettle_seconds = 0\n\n[retry]\nonce_max_attempts = 2\n"
+    )
+    config = load_config(config_path)
+    setup_logging(config.log)
+    config.paths.drop.mkdir(parents=True, exist_ok=True)
+    for name, text in SAMPLES.items():
+        (config.paths.drop / name).write_text(text)
+    return config
+
+
+def _show_run(run_once: Callable[[Config], tuple[int, list[str]]], config: Config) -> None:
+    _code, summary = run_once(config)
+    click.echo("\n$ saasquatch-agent run --once   # what it prints when it ends")
+    for line in summary:
+        click.echo(line)
 
 
 def _report(config: Config, server_root: Path) -> int:
@@ -182,26 +193,13 @@ def run_api_demo(run_once: Callable[[Config], tuple[int, list[str]]], keep: bool
         server = ApiSandbox(root / "api-server", DEMO_TENANT, api_key)
         server.start()
         try:
-            config_path = root / "agent.toml"
-            config_path.write_text(
+            config = _config_with_samples(root, (
                 '[upload]\ntransport = "api"\n\n'
                 f'[api]\nbase_url = "{server.base_url}"\ntenant_alias = "{DEMO_TENANT}"\n'
-                f'api_key_file = "keys/api-key"\nca_file = "{server.ca_path}"\npoll_seconds = 0.5\n\n'
-                "[paths]\n"
-                'drop = "drop"\nstate_dir = "state"\narchive = "archive"\nfailed = "failed"\n\n'
-                "[watch]\nsettle_seconds = 0\n\n[retry]\nonce_max_attempts = 2\n"
-            )
-            config = load_config(config_path)
-            setup_logging(config.log)
-            config.paths.drop.mkdir(parents=True, exist_ok=True)
-            for name, text in SAMPLES.items():
-                (config.paths.drop / name).write_text(text)
+                f'api_key_file = "keys/api-key"\nca_file = "{server.ca_path}"\npoll_seconds = 0.5\n\n'))
             click.echo(f"sandbox of SaaSquatch's import API on {server.base_url} (HTTPS, a CA made for the"
                        f" demo), files under {root}")
-            _code, summary = run_once(config)
-            click.echo("\n$ saasquatch-agent run --once   # what it prints when it ends")
-            for line in summary:
-                click.echo(line)
+            _show_run(run_once, config)
         finally:
             server.stop()
         return _report_api(config.journal_path, set(server.jobs))
