@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import click
-from loguru import logger
 
 from agent.config import Config, ConfigError, ImportsConfig, ImportType, Transport, load_config
 from agent.errors import EXIT_RUNTIME, EXIT_USAGE, AgentError, CommandError, UsageError
@@ -59,6 +58,8 @@ class AgentGroup(click.Group):
 
 def exit_with(exc: AgentError) -> NoReturn:
     if exc.in_log:  # `run`: the daemon's own lines go to the log (journald)
+        from loguru import logger  # loaded only where it logs (start-up time of status, validate)
+
         logger.error("{}", exc)
     else:
         click.echo(f"saasquatch-agent: {exc}", err=True)
@@ -410,6 +411,8 @@ def retry(config_path: Path | None, key: str) -> None:
     try:
         woken = wake_running_agent(config.paths.state_dir)
     except OSError as exc:  # the hint only: the rescan picks the file up anyway
+        from loguru import logger
+
         logger.debug("could not wake the agent: {}", exc)
         woken = False
     when = ("the running agent sends it now" if woken else

@@ -22,8 +22,6 @@ from datetime import UTC
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
-from loguru import logger
-
 from agent.config import LogConfig, LogFormat
 
 if TYPE_CHECKING:
@@ -161,6 +159,8 @@ class _InterceptHandler(logging.Handler):
     """
 
     def emit(self, record: logging.LogRecord) -> None:
+        from loguru import logger
+
         level: str | int
         if record.name.startswith("paramiko") and record.levelno >= logging.ERROR:
             level = "DEBUG"
@@ -173,6 +173,8 @@ class _InterceptHandler(logging.Handler):
 
 
 def setup_logging(config: LogConfig | None = None) -> None:
+    from loguru import logger  # here, not at import: `status` and `validate` never load loguru (start-up)
+
     config = config or LogConfig()
     logger.remove()
     logger.configure(patcher=_one_line)

@@ -19,8 +19,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from loguru import logger
-
 from agent.logs import file_fields
 from agent.store.journal import FileRecord, FileState, iso_utc
 from agent.units import human_bytes, human_duration
@@ -106,6 +104,8 @@ class UploadProgress:
             try:
                 yield
             except sqlite3.Error as exc:
+                from loguru import logger  # loaded by the daemon only (`status` reads, it never logs)
+
                 logger.debug("upload progress not recorded: {}", exc)
 
 
@@ -126,6 +126,8 @@ class Tracker:
         self._written = False
 
     def update(self, sent: int) -> None:
+        from loguru import logger  # already loaded in the daemon; `status` never gets here
+
         now = self._clock()
         if now - self._stored_at < STORE_SECONDS and now - self._logged_at < LOG_SECONDS:
             return
