@@ -107,7 +107,8 @@ CREATE TABLE IF NOT EXISTS files (
     created_at TEXT NOT NULL,
     updated_at TEXT NOT NULL,
     force_resend INTEGER NOT NULL DEFAULT 0,
-    adopted INTEGER NOT NULL DEFAULT 0
+    adopted INTEGER NOT NULL DEFAULT 0,
+    resume_point TEXT
 );
 CREATE INDEX IF NOT EXISTS files_state ON files (state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS files_state_id ON files (state, id);  -- next_sendable: oldest first, O(log n)
@@ -125,7 +126,7 @@ CREATE INDEX IF NOT EXISTS events_file ON events (file_id);
 _COLUMNS = (
     "id", "name", "source_path", "local_path", "pending_path", "pending_state", "size", "sha256",
     "import_type", "remote_name", "state", "attempts", "error", "next_attempt_at", "created_at",
-    "updated_at", "force_resend", "adopted",
+    "updated_at", "force_resend", "adopted", "resume_point",
 )
 _UPDATABLE = frozenset(_COLUMNS) - {"id", "created_at", "updated_at"}
 _STATE_INDEX = _COLUMNS.index("state")
@@ -167,6 +168,9 @@ class FileRecord:
     updated_at: str
     force_resend: int  # 1: the operator asked to send it even if the same content went recently
     adopted: int = 0  # 1: found in spool/ with no row (journal lost or damaged) and taken up again
+    # an upload in progress: what the server acknowledged of the row's temporary file (JSON, written
+    # by agent.pipeline.upload; a resume starts there), None when nothing may be resumed
+    resume_point: str | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> FileRecord:
@@ -248,6 +252,8 @@ class Journal:
             self._db.execute("ALTER TABLE files ADD COLUMN force_resend INTEGER NOT NULL DEFAULT 0")
         if "adopted" not in present:
             self._db.execute("ALTER TABLE files ADD COLUMN adopted INTEGER NOT NULL DEFAULT 0")
+        if "resume_point" not in present:
+            self._db.execute("ALTER TABLE files ADD COLUMN resume_point TEXT")
         indexed = self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'files_remote_name'").fetchone()
         if indexed is None:
             # No two rows share a remote name. Rows of older versions that did are left as history:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -159,10 +159,13 @@ def reply_error(sftp: paramiko.SFTPClient, kind: int, message: paramiko.Message)
     return None
 
 
-def open_for_writing(sftp: paramiko.SFTPClient, paths: Sequence[str]) -> list[bytes | OSError]:
-    """Create or truncate each path for writing: its handle, or why the server refused."""
-    flags = SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_TRUNC
-    replies = exchange(sftp, [(CMD_OPEN, (path, flags, paramiko.SFTPAttributes())) for path in paths])
+def open_for_writing(sftp: paramiko.SFTPClient, paths: Sequence[str],
+                     existing: Collection[str] = ()) -> list[bytes | OSError]:
+    """Create or truncate each path for writing, except those in `existing`, which are opened as
+    they are (and must exist: a resumed upload); its handle, or why the server refused."""
+    fresh = SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_TRUNC
+    replies = exchange(sftp, [(CMD_OPEN, (path, SFTP_FLAG_WRITE if path in existing else fresh,
+                                          paramiko.SFTPAttributes())) for path in paths])
     results: list[bytes | OSError] = []
     for reply in replies:
         if reply.error is None and reply.kind == CMD_HANDLE and reply.message is not None:

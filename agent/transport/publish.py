@@ -6,7 +6,9 @@ files before reading the replies (agent.transport.pipelining). Per file:
 1. OPEN the temporary name (derived from the journal row, never from the content).
 2. WRITE the local bytes, read as they are sent and hashed on the way. Every WRITE's status is read,
    matched to its request by id (servers may answer pipelined requests out of order), and at most
-   WRITE_WINDOW_BYTES are outstanding at a time.
+   WRITE_WINDOW_BYTES are outstanding at a time. `acked` follows the bytes from offset 0 whose every
+   WRITE was answered OK; a resumed upload (`resume_from`, at most an earlier attempt's `acked`) opens
+   the temporary file without truncating it, hashes the local prefix and writes from there on.
 3. Once every WRITE is answered: FSTAT (the size the server holds) and CLOSE.
 4. The caller renames only a file whose every step succeeded, whose bytes hash to the checked
    SHA-256 with the checked size, and whose remote size is that size. A file that changed locally
@@ -47,6 +49,19 @@ class Upload:
     sent: int = 0  # bytes read and sent
     remote_size: int | None = None  # the server's FSTAT answer after the writes
     digest: hashlib._Hash = field(default_factory=hashlib.sha256)
+    # resuming: the temporary file's bytes [0, resume_from) are this file's, every WRITE of them
+    # answered OK in an earlier attempt; they are hashed locally, not sent again
+    resume_from: int = 0
+    written: int = 0  # end offset of the last WRITE sent
+    acked: int = 0  # every WRITE below this offset was answered OK (none refused)
+    local_stamp: tuple[int, int, int] | None = None  # the local copy's (size, mtime_ns, inode) when read
+    # called after each chunk read and sent (the uploader keeps `acked` in the journal for a resume)
+    checkpoint: Callable[[Upload], None] | None = None
+
+    @property
+    def wrote(self) -> int:
+        """Bytes sent in WRITEs by this attempt (a resumed upload skips its prefix)."""
+        return max(0, self.written - self.resume_from)
 
     @property
     def complete(self) -> bool:
@@ -81,8 +96,10 @@ class Pacer:
 
 
 def open_all(sftp: paramiko.SFTPClient, uploads: Sequence[Upload]) -> None:
-    """OPEN every temporary name (created or truncated); a refusal is that file's error."""
-    for upload, result in zip(uploads, sftp_batch.open_for_writing(sftp, [u.temp for u in uploads]),
+    """OPEN every temporary name (created or truncated; a resumed one as it is); a refusal is that
+    file's error."""
+    existing = {upload.temp for upload in uploads if upload.resume_from}
+    for upload, result in zip(uploads, sftp_batch.open_for_writing(sftp, [u.temp for u in uploads], existing),
                               strict=True):
         if isinstance(result, OSError):
             upload.error, upload.step = result, "open"
@@ -148,11 +165,15 @@ class _WriteWindow:
         self.sftp = sftp
         self.replies = sftp_batch.ReplyCollector()
         self.pending: dict[int, tuple[Upload, int, int]] = {}  # request id -> (upload, offset, bytes)
+        # per upload (by id()): request id -> offset of its unanswered WRITEs, in the order sent
+        self.outstanding: dict[int, dict[int, int]] = {}
         self.bytes = 0
 
     def send(self, upload: Upload, offset: int, data: bytes) -> None:
         number = self.sftp._async_request(self.replies, CMD_WRITE, upload.handle, int64(offset), data)
         self.pending[number] = (upload, offset, len(data))
+        self.outstanding.setdefault(id(upload), {})[number] = offset
+        upload.written = offset + len(data)
         self.bytes += len(data)
         if self.bytes > WRITE_WINDOW_BYTES:
             self.drain(WRITE_WINDOW_BYTES // 2)
@@ -168,9 +189,13 @@ class _WriteWindow:
                     continue
                 upload, offset, size = owner
                 self.bytes -= size
+                unanswered = self.outstanding[id(upload)]
+                del unanswered[number]
                 error = sftp_batch.reply_error(self.sftp, kind, message)
                 if error is not None and upload.error is None:
                     upload.error, upload.step = error, f"write at offset {offset} of"
+                elif upload.error is None:  # WRITEs go out in offset order: the first unanswered one
+                    upload.acked = next(iter(unanswered.values()), upload.written)
 
 
 def _write_one(sftp: paramiko.SFTPClient, upload: Upload, request_size: int, pacer: Pacer,
@@ -183,6 +208,11 @@ def _write_one(sftp: paramiko.SFTPClient, upload: Upload, request_size: int, pac
         return
     try:
         before = os.fstat(fd)
+        upload.local_stamp = (before.st_size, before.st_mtime_ns, before.st_ino)
+        if upload.resume_from:
+            _hash_prefix(fd, upload, pacer)
+            if upload.changed is not None:
+                return
         chunk = pacer.read_size()
         while upload.error is None:
             data = os.read(fd, chunk)
@@ -197,6 +227,8 @@ def _write_one(sftp: paramiko.SFTPClient, upload: Upload, request_size: int, pac
                 window.send(upload, upload.sent + start, bytes(view[start:start + request_size]))
             upload.sent += len(data)
             pacer.after(len(data))
+            if upload.checkpoint is not None:
+                upload.checkpoint(upload)
         after = os.fstat(fd)
     except OSError as exc:
         upload.unreadable = exc
@@ -208,6 +240,20 @@ def _write_one(sftp: paramiko.SFTPClient, upload: Upload, request_size: int, pac
     upload.changed = changed_since_check(upload.record, upload.sent, upload.digest.hexdigest(),
                                          (before.st_size, before.st_mtime_ns),
                                          (after.st_size, after.st_mtime_ns))
+
+
+def _hash_prefix(fd: int, upload: Upload, pacer: Pacer) -> None:
+    """Read and hash the local bytes [0, resume_from) that an earlier attempt sent (not sent again)."""
+    upload.written = upload.acked = upload.resume_from
+    for _ in range(upload.resume_from // READ_CHUNK + 2):  # bounded: the prefix, then the short read
+        data = os.read(fd, min(READ_CHUNK, upload.resume_from - upload.sent))
+        if not data:
+            break
+        upload.digest.update(data)
+        upload.sent += len(data)
+    pacer.after(0)  # a stop asked meanwhile; the watchdog
+    if upload.sent != upload.resume_from:
+        upload.changed = f"it holds fewer than the {upload.resume_from} bytes sent before"
 
 
 def changed_since_check(record: FileRecord, size: int, sha256: str, before: tuple[int, int],
