@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import NoReturn, ParamSpec
 
 import click
-from loguru import logger
 
 from agent.config import Config, ConfigError, ImportsConfig, ImportType, load_config
 from agent.logs import escape_controls, setup_logging
@@ -152,6 +151,8 @@ def main() -> None:
 @journal_errors
 def run(config_path: Path | None, once: bool) -> None:
     """Run the agent (the daemon, or one pass with --once)."""
+    from loguru import logger
+
     from agent.service import Agent, AlreadyRunning, run_daemon
     from agent.transport.sftp import PrivateKeyError, load_private_key, private_key_path
 

@@ -12,8 +12,6 @@ import os
 import sys
 from typing import TYPE_CHECKING, TextIO
 
-from loguru import logger
-
 from agent.config import LogConfig, LogFormat
 
 if TYPE_CHECKING:
@@ -96,6 +94,8 @@ class _InterceptHandler(logging.Handler):
     """
 
     def emit(self, record: logging.LogRecord) -> None:
+        from loguru import logger
+
         level: str | int
         if record.name.startswith("paramiko") and record.levelno >= logging.ERROR:
             level = "DEBUG"
@@ -108,6 +108,8 @@ class _InterceptHandler(logging.Handler):
 
 
 def setup_logging(config: LogConfig | None = None) -> None:
+    from loguru import logger  # here, not at import: `status` and `validate` never load loguru (start-up)
+
     config = config or LogConfig()
     logger.remove()
     logger.configure(patcher=_one_line)
