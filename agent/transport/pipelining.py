@@ -91,6 +91,21 @@ class PipelinedSFTPClient(paramiko.SFTPClient):  # type: ignore[misc]
             self._held.clear()
         self._held_bytes = 0
 
+    def response_ready(self) -> bool:
+        """A whole reply has arrived, so reading it does not wait for the server (what is waiting in
+        the channel is moved into the buffer without blocking)."""
+        received = self._received
+        for _ in range(2):  # the buffer, then once more after taking what the channel holds
+            if len(received) >= 4 and len(received) >= 4 + struct.unpack(">I", received[:4])[0]:
+                return True
+            if not self.sock.recv_ready():
+                return False
+            chunk = self.sock.recv(RECEIVE_CHUNK)  # does not block: data is waiting
+            if not chunk:
+                return False  # EOF: the next blocking read reports it
+            received += chunk
+        return len(received) >= 4 and len(received) >= 4 + struct.unpack(">I", received[:4])[0]
+
     @contextlib.contextmanager
     def corked(self) -> Iterator[None]:
         """Requests made in this block go out in runs; the last run when it ends (not if it raises:

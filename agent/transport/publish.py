@@ -177,25 +177,43 @@ class _WriteWindow:
         self.bytes += len(data)
         if self.bytes > WRITE_WINDOW_BYTES:
             self.drain(WRITE_WINDOW_BYTES // 2)
+        else:
+            self.collect_arrived()
+
+    def collect_arrived(self) -> None:
+        """Read the replies that have already arrived, without waiting for more: `acked` stays within
+        a round trip of the server (what a resume may skip), not a window behind."""
+        ready = getattr(self.sftp, "response_ready", None)
+        if ready is None:
+            return
+        for _ in range(len(self.pending)):
+            if not ready():
+                return
+            self.sftp._read_response()
+            self._settle()
 
     def drain(self, down_to: int) -> None:
         """Read replies (in whatever order they come) until at most `down_to` bytes are outstanding."""
         sftp_batch.flush_held(self.sftp)
         while self.pending and self.bytes > down_to:
             self.sftp._read_response()
-            for number, (kind, message) in self.replies.take():
-                owner = self.pending.pop(number, None)
-                if owner is None:
-                    continue
-                upload, offset, size = owner
-                self.bytes -= size
-                unanswered = self.outstanding[id(upload)]
-                del unanswered[number]
-                error = sftp_batch.reply_error(self.sftp, kind, message)
-                if error is not None and upload.error is None:
-                    upload.error, upload.step = error, f"write at offset {offset} of"
-                elif upload.error is None:  # WRITEs go out in offset order: the first unanswered one
-                    upload.acked = next(iter(unanswered.values()), upload.written)
+            self._settle()
+
+    def _settle(self) -> None:
+        """Match the replies read so far to their WRITEs."""
+        for number, (kind, message) in self.replies.take():
+            owner = self.pending.pop(number, None)
+            if owner is None:
+                continue
+            upload, offset, size = owner
+            self.bytes -= size
+            unanswered = self.outstanding[id(upload)]
+            del unanswered[number]
+            error = sftp_batch.reply_error(self.sftp, kind, message)
+            if error is not None and upload.error is None:
+                upload.error, upload.step = error, f"write at offset {offset} of"
+            elif upload.error is None:  # WRITEs go out in offset order: the first unanswered one
+                upload.acked = next(iter(unanswered.values()), upload.written)
 
 
 def _write_one(sftp: paramiko.SFTPClient, upload: Upload, request_size: int, pacer: Pacer,
