@@ -6,9 +6,19 @@ Every scenario runs the agent and each reference in the same run, alternating th
 round, and prints medians and the ratio agent / reference (lower is better for the agent). It is not a
 test: nothing here asserts a timing; the targets are printed beside the measured numbers.
 
-Scenarios: burst (many small files), large (one big file), latency (rename into a running daemon ->
-final remote name), backlog (many files waiting at start-up: time per file and peak RSS), idle
-(daemon CPU and RSS when nothing happens), slow (burst and large through a 20 ms-each-way proxy).
+`run --once` scenarios (start-up included): burst (many small files), large (one big file), backlog
+(many files waiting at start-up: time per file and peak RSS), slow (burst and large through a 20 ms
+each way proxy). Daemon scenarios: latency (rename into a running daemon -> final remote name), idle
+(daemon CPU and RSS when nothing happens).
+
+Service scenarios (`svc-*`, issue 17): the daemon as it runs in production, already started, connected
+and idle; files are moved into drop/ and timed until archived, on loopback and through the link
+emulator in bench/link.py (delay each way + bandwidth cap). Each row gives wall seconds, the CPU
+seconds of the agent or the reference client, and the CPU seconds sshd spent serving it:
+svc-loopback, svc-lan (20 ms each way, 100 Mbit/s), svc-far-cut (80 ms, 20 Mbit/s, the connection cut
+at half the file), svc-fat (75 ms each way = 150 ms round trip, 500 Mbit/s), svc-backlog (a daemon
+started with many files waiting). `startup` times `status` and `validate` as whole processes against
+`python -c pass`.
 """
 
 from __future__ import annotations
@@ -31,12 +41,14 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.link import Link  # noqa: E402
 from tests.helpers.sshd import SshdServer  # noqa: E402
 from tests.helpers.tcp_proxy import TcpProxy  # noqa: E402
 
 RCLONE_MISSING = "rclone not found: install it with `apt-get install -y rclone` (Debian package)"
 SFTP_MISSING = "OpenSSH sftp not found: install it with `apt-get install -y openssh-client`"
-SCENARIOS = ("burst", "large", "latency", "backlog", "idle", "slow")
+SCENARIOS = ("burst", "large", "latency", "backlog", "idle", "slow", "svc-loopback", "svc-lan", "svc-far-cut",
+             "svc-fat", "svc-backlog", "startup")
 HEADER = "accountId,id,email,firstName,lastName,locale,customFields.note\n"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -51,12 +63,18 @@ class Sizes:
     idle_seconds: float
     slow_burst_files: int
     slow_large_mb: float
+    link_burst_files: tuple[int, ...]  # svc-lan bursts
+    link_large_mb: float  # svc-lan, svc-far-cut, svc-fat large file
+    single_files: int  # single-file rounds in the svc-* scenarios
+    svc_backlog: int
 
 
 FULL = Sizes(rounds=3, burst_files=1000, large_mb=100, latency_files=200, backlog_counts=(1000, 10000),
-             idle_seconds=60, slow_burst_files=100, slow_large_mb=20)
+             idle_seconds=60, slow_burst_files=100, slow_large_mb=20, link_burst_files=(100, 1000),
+             link_large_mb=100, single_files=5, svc_backlog=10000)
 QUICK = Sizes(rounds=2, burst_files=200, large_mb=20, latency_files=40, backlog_counts=(200, 1000),
-              idle_seconds=10, slow_burst_files=40, slow_large_mb=5)
+              idle_seconds=10, slow_burst_files=40, slow_large_mb=5, link_burst_files=(20, 100),
+              link_large_mb=10, single_files=3, svc_backlog=1000)
 
 
 @dataclass
@@ -64,9 +82,58 @@ class Result:
     scenario: str
     rows: dict[str, list[float]] = field(default_factory=dict)  # tool -> seconds per round
     extra: dict[str, float | str] = field(default_factory=dict)
+    cpu: dict[str, list[float]] = field(default_factory=dict)  # tool -> its own CPU seconds per round
+    server_cpu: dict[str, list[float]] = field(default_factory=dict)  # tool -> sshd's CPU seconds
 
-    def add(self, tool: str, seconds: float) -> None:
+    def add(self, tool: str, seconds: float, cpu: float | None = None,
+            server_cpu: float | None = None) -> None:
         self.rows.setdefault(tool, []).append(seconds)
+        if cpu is not None:
+            self.cpu.setdefault(tool, []).append(cpu)
+        if server_cpu is not None:
+            self.server_cpu.setdefault(tool, []).append(server_cpu)
+
+
+@dataclass(frozen=True)
+class Measure:
+    """One timed run: wall seconds, CPU seconds of the tool itself, CPU seconds of sshd serving it."""
+
+    seconds: float
+    cpu: float | None = None
+    server_cpu: float | None = None
+
+
+def proc_cpu(pid: int) -> float:
+    """CPU seconds of a process and its reaped children (utime + stime + cutime + cstime); 0 if gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return sum(int(value) for value in fields[11:15]) / CLOCK_TICKS
+
+
+def descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                ppid = int(Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [root]
+    for _ in range(100_000):  # bounded: a process tree
+        if not todo:
+            break
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def tree_cpu(root: int) -> float:
+    """CPU seconds of a process tree: every live member's own and reaped children's."""
+    return sum(proc_cpu(pid) for pid in descendants(root))
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -201,7 +268,7 @@ class Bench:
         base.mkdir()
         return base
 
-    def agent_config(self, base: Path, ep: Endpoint, settle: float = 2.0) -> Path:
+    def agent_config(self, base: Path, ep: Endpoint, settle: float = 2.0, extra: str = "") -> Path:
         config = base / "agent.toml"
         upload = f"\n[upload]\nconcurrency = {self.concurrency}\n" if self.concurrency else ""
         config.write_text(
@@ -209,16 +276,23 @@ class Bench:
             f'private_key = "{ep.key}"\nknown_hosts = "{ep.known_hosts}"\nremote_dir = "{ep.remote_dir}"\n'
             f'\n[paths]\ndrop = "{base / "drop"}"\nstate_dir = "{base / "state"}"\n'
             f'archive = "{base / "archive"}"\nfailed = "{base / "failed"}"\n'
-            f"\n[watch]\nsettle_seconds = {settle}\nrescan_seconds = 3600\n{upload}"
+            f"\n[watch]\nsettle_seconds = {settle}\nrescan_seconds = 3600\n{upload}{extra}"
         )
         return config
 
     def agent_once(self, sources: Path, ep: Endpoint) -> tuple[float, float]:
         """`run --once` over a drop/ holding `sources`; (seconds, peak RSS in MiB)."""
+        measure, peak = self.agent_once_measure(sources, ep)
+        return measure.seconds, peak
+
+    def agent_once_measure(self, sources: Path, ep: Endpoint) -> tuple[Measure, float]:
+        """`run --once` over a drop/ holding `sources`; its Measure and peak RSS in MiB."""
         base = self.agent_dirs()
         config = self.agent_config(base, ep)
         expected = stage(sources, base / "drop")
         log = (base / "agent.log").open("wb")
+        listener = self.server.sshd_pid
+        server_before = tree_cpu(listener) if listener else 0.0
         start = time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--once", "--config", str(config)],
                                 cwd=self.agent_root, stdout=log, stderr=log)
@@ -234,51 +308,82 @@ class Bench:
         if got != expected or archived != expected:
             raise RuntimeError(f"agent: {got} remote / {archived} archived files, expected {expected}")
         shutil.rmtree(base)
-        return seconds, usage.ru_maxrss / 1024
+        server_cpu = None
+        if listener:
+            for _ in range(200):  # up to 2 s for sshd to reap the sessions
+                if len(descendants(listener)) <= 1:
+                    break
+                time.sleep(0.01)
+            server_cpu = tree_cpu(listener) - server_before
+        return Measure(seconds, usage.ru_utime + usage.ru_stime, server_cpu), usage.ru_maxrss / 1024
 
     # ---- references
 
     def sftp_put(self, sources: Path, ep: Endpoint) -> float:
+        return self.sftp_measure(sources, ep).seconds
+
+    def sftp_measure(self, sources: Path, ep: Endpoint) -> Measure:
+        """OpenSSH `sftp -b` putting every file of `sources` (one connection, files one after another)."""
         expected = len(os.listdir(sources))
         batch = self.work / "sftp.batch"
         batch.write_text(f"lcd {sources}\ncd {ep.remote_dir}\nput *\n")
         cmd = ["sftp", "-q", "-b", str(batch), "-F", "/dev/null", "-i", str(ep.key), "-P", str(ep.port),
                "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
                "-o", f"UserKnownHostsFile={ep.known_hosts}", f"{ep.username}@{ep.host}"]
-        start = time.perf_counter()
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, timeout=3600)
-        seconds = time.perf_counter() - start
+        measure = self.client_run(cmd, os.environ)
         if len(self.remote_files()) != expected:
             raise RuntimeError(f"sftp: {len(self.remote_files())} remote files, expected {expected}")
-        return seconds
+        return measure
 
     def rclone(self, verb: str, sources: Path, ep: Endpoint) -> float:
+        return self.rclone_measure(verb, sources, ep).seconds
+
+    def rclone_measure(self, verb: str, sources: Path, ep: Endpoint) -> Measure:
         """`rclone move` (burst: deletes the local copies, like the agent's archiving) or `copy`."""
         staged = self.work / "rclone-src"
         shutil.rmtree(staged, ignore_errors=True)
         expected = stage(sources, staged)
         remote = (f":sftp,host={ep.host},port={ep.port},user={ep.username},key_file={ep.key},"
                   f"known_hosts_file={ep.known_hosts},shell_type=none,disable_hashcheck=true:{ep.remote_dir}")
-        cmd = ["rclone", verb, str(staged), remote, "-q"]
-        start = time.perf_counter()
-        subprocess.run(cmd, check=True, env=self.rclone_env, timeout=3600)
-        seconds = time.perf_counter() - start
+        measure = self.client_run(["rclone", verb, str(staged), remote, "-q"], self.rclone_env)
         if len(self.remote_files()) != expected:
             raise RuntimeError(f"rclone: {len(self.remote_files())} remote files, expected {expected}")
         shutil.rmtree(staged)
-        return seconds
+        return measure
+
+    def client_run(self, cmd: list[str], env: dict[str, str] | os._Environ[str]) -> Measure:
+        """Run a reference client; its wall and CPU seconds, and sshd's CPU for its sessions (read
+        once those sessions have ended, so the listener has reaped them)."""
+        listener = self.server.sshd_pid
+        server_before = tree_cpu(listener) if listener else 0.0
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
+        _pid, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - start
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise RuntimeError(f"{cmd[0]} exited {os.waitstatus_to_exitcode(status)}")
+        server_cpu = None
+        if listener:
+            for _ in range(200):  # up to 2 s for sshd to reap the sessions
+                if len(descendants(listener)) <= 1:
+                    break
+                time.sleep(0.01)
+            server_cpu = tree_cpu(listener) - server_before
+        return Measure(seconds, usage.ru_utime + usage.ru_stime, server_cpu)
 
     # ---- alternating rounds
 
-    def compare(self, result: Result, rounds: int, tools: dict[str, Callable[[], float]]) -> None:
+    def compare(self, result: Result, rounds: int, tools: dict[str, Callable[[], Measure]]) -> None:
         names = list(tools)
         for round_no in range(rounds):
             order = names[round_no % len(names):] + names[:round_no % len(names)]
             for name in order:
                 self.clear_remote()
-                seconds = tools[name]()
-                result.add(name, seconds)
-                print(f"  round {round_no + 1}: {name:<12} {seconds:8.3f} s", flush=True)
+                got = tools[name]()
+                result.add(name, got.seconds, got.cpu, got.server_cpu)
+                cpu = f"  cpu {got.cpu:7.3f} s" if got.cpu is not None else ""
+                server = f"  sshd cpu {got.server_cpu:7.3f} s" if got.server_cpu is not None else ""
+                print(f"  round {round_no + 1}: {name:<14} {got.seconds:8.3f} s{cpu}{server}", flush=True)
         self.clear_remote()
 
 
@@ -286,17 +391,24 @@ class Bench:
 
 
 def transfer_tools(bench: Bench, sources: Path, ep: Endpoint, rclone_verb: str,
-                   rss: list[float]) -> dict[str, Callable[[], float]]:
-    def agent() -> float:
-        seconds, peak = bench.agent_once(sources, ep)
+                   rss: list[float]) -> dict[str, Callable[[], Measure]]:
+    def agent() -> Measure:
+        measure, peak = bench.agent_once_measure(sources, ep)
         rss.append(peak)
-        return seconds
+        return measure
 
-    tools: dict[str, Callable[[], float]] = {"agent": agent}
+    tools: dict[str, Callable[[], Measure]] = {"agent": agent}
+    tools.update(reference_tools(bench, sources, ep, rclone_verb))
+    return tools
+
+
+def reference_tools(bench: Bench, sources: Path, ep: Endpoint, rclone_verb: str = "copy",
+                    sftp_name: str = "sftp -b") -> dict[str, Callable[[], Measure]]:
+    tools: dict[str, Callable[[], Measure]] = {}
     if "sftp" in bench.refs:
-        tools["sftp -b"] = lambda: bench.sftp_put(sources, ep)
+        tools[sftp_name] = lambda: bench.sftp_measure(sources, ep)
     if "rclone" in bench.refs:
-        tools[f"rclone {rclone_verb}"] = lambda: bench.rclone(rclone_verb, sources, ep)
+        tools[f"rclone {rclone_verb}"] = lambda: bench.rclone_measure(rclone_verb, sources, ep)
     return tools
 
 
@@ -433,6 +545,275 @@ def run_slow(bench: Bench, sizes: Sizes, delay_ms: float = 20.0) -> list[Result]
                 run_large(bench, sizes, ep, "slow large", sizes.slow_large_mb)]
 
 
+# ----------------------------------------------------------------------------- the service as it runs
+
+SERVICE_EXTRA = "\n[imports]\nduplicate_window_days = 0\n"  # the same inputs go again every round
+LINKS = {  # name: (one-way delay ms, Mbit/s)
+    "lan": (20.0, 100.0),
+    "far": (80.0, 20.0),
+    "fat": (75.0, 500.0),
+}
+
+
+def count_files(folder: Path) -> int:
+    return sum(len(files) for _root, _dirs, files in os.walk(folder))
+
+
+class Service:
+    """`saasquatch-agent run` as in production (settle_seconds = 0, so a file moved in is taken at
+    once): started, then `warm_up` sends a first file so its connection is open, as a service that
+    has been running is. `deliver` moves files into drop/ (renames from a staging folder on the same
+    filesystem, as `mv` does) and times them until every one is archived."""
+
+    def __init__(self, bench: Bench, ep: Endpoint, backlog: Path | None = None) -> None:
+        self.bench = bench
+        self.base = bench.agent_dirs()
+        self.config = bench.agent_config(self.base, ep, settle=0.0, extra=SERVICE_EXTRA)
+        self.drop = self.base / "drop"
+        self.archive = self.base / "archive"
+        self.staging = self.base / "staging"
+        self.drop.mkdir()
+        self.expected_backlog = stage(backlog, self.drop) if backlog is not None else 0
+        self.log = (self.base / "agent.log").open("wb")
+        self.server_before = self.server_cpu()
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(self.config)],
+                                     cwd=bench.agent_root, stdout=self.log, stderr=self.log)
+
+    def server_cpu(self) -> float:
+        listener = self.bench.server.sshd_pid
+        return tree_cpu(listener) if listener else 0.0
+
+    def wait_archived(self, expected: int, timeout: float) -> None:
+        deadline = time.perf_counter() + timeout
+        interval = 0.005 if expected < 200 else 0.05
+        for _ in range(int(timeout / interval) + 2):  # bounded
+            if count_files(self.archive) >= expected:
+                return
+            if self.proc.poll() is not None or time.perf_counter() > deadline or any(
+                    (self.base / "failed").glob("*.reason.txt")):
+                break
+            time.sleep(interval)
+        log = self.base / "agent.log"
+        raise RuntimeError(f"{count_files(self.archive)} of {expected} archived; log {log}:\n"
+                           f"{log.read_text()[-3000:]}")
+
+    def backlog_done(self, timeout: float = 3600) -> Measure:
+        """The daemon was started with a backlog in drop/: start to the last file archived."""
+        self.wait_archived(self.expected_backlog, timeout)
+        seconds = time.perf_counter() - self.started
+        return Measure(seconds, proc_cpu(self.proc.pid), self.server_cpu() - self.server_before)
+
+    def warm_up(self) -> None:
+        self.deliver_text("users_warmup.csv", small_csv(0))
+
+    def deliver_text(self, name: str, text: str) -> None:
+        staged = self.staging / "single"
+        staged.mkdir(parents=True, exist_ok=True)
+        (staged / name).write_text(text)
+        self.deliver(staged, clear=False)
+
+    def deliver(self, sources: Path, timeout: float = 3600, clear: bool = True,
+                before_move: Callable[[], object] | None = None) -> Measure:
+        staged = self.staging / "round"
+        shutil.rmtree(staged, ignore_errors=True)
+        count = stage(sources, staged)
+        names = sorted(os.listdir(staged))
+        expected = count_files(self.archive) + count
+        cpu_before, server_before = proc_cpu(self.proc.pid), self.server_cpu()
+        if before_move is not None:
+            before_move()
+        start = time.perf_counter()
+        for name in names:
+            os.rename(staged / name, self.drop / name)
+        self.wait_archived(expected, timeout)
+        seconds = time.perf_counter() - start
+        measure = Measure(seconds, proc_cpu(self.proc.pid) - cpu_before, self.server_cpu() - server_before)
+        if clear:
+            got = len(self.bench.remote_files())
+            if got != count:
+                raise RuntimeError(f"agent: {got} remote files, expected {count}")
+        return measure
+
+    def rss_mib(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.log.close()
+        shutil.rmtree(self.base, ignore_errors=True)
+        self.bench.clear_remote()
+
+
+@contextlib.contextmanager
+def endpoint(bench: Bench, link: str | None) -> Iterator[tuple[Endpoint, Link | None]]:
+    """The sshd directly (link None), or through the link emulator with that profile."""
+    if link is None:
+        yield bench.direct, None
+        return
+    delay, mbit = LINKS[link]
+    with Link(bench.server.host, bench.server.port, delay_ms=delay, mbit=mbit) as emulator:
+        known = bench.server.write_known_hosts(bench.work / f"known_hosts_{link}", port=emulator.port)
+        yield replace(bench.direct, port=emulator.port, known_hosts=known), emulator
+
+
+def service_cases(bench: Bench, label: str, ep: Endpoint, rounds: int,
+                  cases: list[tuple[str, Path, str, int]]) -> list[Result]:
+    """For each (name, inputs, sftp row name, rounds) case: the running service against the references."""
+    results = []
+    service = Service(bench, ep)
+    try:
+        service.warm_up()
+        bench.clear_remote()
+        for name, sources, sftp_name, case_rounds in cases:
+            print(f"  [{label} {name}]", flush=True)
+            result = Result(f"{label} {name}", extra={"files": len(os.listdir(sources))})
+            tools: dict[str, Callable[[], Measure]] = {"agent": lambda s=sources: service.deliver(s)}
+            tools.update(reference_tools(bench, sources, ep, "copy", sftp_name))
+            bench.compare(result, case_rounds or rounds, tools)
+            result.extra["agent RSS MiB after"] = round(service.rss_mib(), 1)
+            results.append(result)
+    finally:
+        service.close()
+    return results
+
+
+def single_input(bench: Bench) -> Path:
+    folder = bench.work / "in-single"
+    if not folder.exists():
+        folder.mkdir()
+        (folder / "users_single.csv").write_text(small_csv(7))
+        backdate(folder)
+    return folder
+
+
+def large_input(bench: Bench, megabytes: float) -> Path:
+    folder = bench.work / f"in-large-{megabytes:g}"
+    if not folder.exists():
+        make_large_file(folder, megabytes)
+    return folder
+
+
+def burst_input(bench: Bench, files: int) -> Path:
+    folder = bench.work / f"in-burst-{files}"
+    if not folder.exists():
+        make_small_files(folder, files, "s")
+    return folder
+
+
+def run_svc_loopback(bench: Bench, sizes: Sizes) -> list[Result]:
+    return service_cases(bench, "svc-loopback", bench.direct, sizes.rounds, [
+        ("single file", single_input(bench), "sftp -b", sizes.single_files),
+        (f"burst {sizes.burst_files}", burst_input(bench, sizes.burst_files), "sftp -b", 0),
+        (f"large {sizes.large_mb:g} MB", large_input(bench, sizes.large_mb), "sftp put", 0),
+    ])
+
+
+def run_svc_link(bench: Bench, sizes: Sizes, link: str) -> list[Result]:
+    delay, mbit = LINKS[link]
+    label = f"svc-{link} ({delay:g} ms each way, {mbit:g} Mbit/s)"
+    with endpoint(bench, link) as (ep, _emulator):
+        cases = [("single file", single_input(bench), "sftp -b", sizes.single_files)]
+        if link == "lan":
+            cases += [(f"burst {n}", burst_input(bench, n), "sftp -b", 0) for n in sizes.link_burst_files]
+        large = large_input(bench, sizes.link_large_mb)
+        cases.append((f"large {sizes.link_large_mb:g} MB", large, "sftp put", 0))
+        return service_cases(bench, label, ep, sizes.rounds, cases)
+
+
+def run_svc_far_cut(bench: Bench, sizes: Sizes) -> list[Result]:
+    """80 ms / 20 Mbit/s, the large file: the agent's connection is cut when half of the file has gone
+    towards the server (it reconnects after its retry delay and resumes), against an uncut `sftp put`."""
+    delay, mbit = LINKS["far"]
+    sources = large_input(bench, sizes.link_large_mb)
+    size = sum(entry.stat().st_size for entry in os.scandir(sources))
+    result = Result(f"svc-far-cut ({delay:g} ms each way, {mbit:g} Mbit/s) large {sizes.link_large_mb:g} MB"
+                    " cut at 50%", extra={"MB": sizes.link_large_mb})
+    with endpoint(bench, "far") as (ep, emulator):
+        assert emulator is not None
+        service = Service(bench, ep)
+        try:
+            service.warm_up()
+            bench.clear_remote()
+            cuts_before = [emulator.cuts]
+
+            def cut() -> Measure:
+                cuts_before[0] = emulator.cuts
+                measure = service.deliver(sources, before_move=lambda: emulator.cut_after(size // 2))
+                if emulator.cuts == cuts_before[0]:
+                    raise RuntimeError("the connection was not cut")
+                return measure
+
+            tools: dict[str, Callable[[], Measure]] = {"agent": cut,
+                                                       "agent uncut": lambda: service.deliver(sources)}
+            tools.update(reference_tools(bench, sources, ep, "copy", "sftp put"))
+            bench.compare(result, sizes.rounds, tools)
+            resumed = (service.base / "agent.log").read_text().count("resumes at byte")
+            result.extra["resumed uploads"] = resumed
+        finally:
+            service.close()
+    return [result]
+
+
+def run_svc_backlog(bench: Bench, sizes: Sizes) -> list[Result]:
+    """A daemon started with a backlog in drop/: start-up to the last file archived."""
+    count = sizes.svc_backlog
+    sources = burst_input(bench, count)
+    result = Result(f"svc-backlog {count} files", extra={"files": count})
+
+    def agent() -> Measure:
+        service = Service(bench, bench.direct, backlog=sources)
+        try:
+            return service.backlog_done()
+        finally:
+            service.close()
+
+    tools: dict[str, Callable[[], Measure]] = {"agent": agent}
+    tools.update(reference_tools(bench, sources, bench.direct, "copy", "sftp -b"))
+    bench.compare(result, max(1, sizes.rounds - 1), tools)
+    return [result]
+
+
+def run_startup(bench: Bench, sizes: Sizes) -> list[Result]:
+    """`status` (a journal of a few rows) and `validate` (a small file), whole processes, against
+    `python -c pass` in alternating rounds."""
+    base = bench.agent_dirs()
+    config = bench.agent_config(base, bench.direct)
+    stage(burst_input(bench, 5), base / "drop")
+    subprocess.run([sys.executable, "-m", "agent", "run", "--once", "--config", str(config)],
+                   cwd=bench.agent_root, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    bench.clear_remote()
+    small = next(iter(sorted(burst_input(bench, 5).iterdir())))
+    commands = {
+        "python -c pass": [sys.executable, "-c", "pass"],
+        "status": [sys.executable, "-m", "agent", "status", "--config", str(config)],
+        "validate": [sys.executable, "-m", "agent", "validate", str(small)],
+    }
+    result = Result("startup", extra={"python": sys.version.split()[0]})
+    for _round in range(10 * sizes.rounds):
+        for name, cmd in commands.items():
+            start = time.perf_counter()
+            proc = subprocess.Popen(cmd, cwd=bench.agent_root, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+            _pid, status, usage = os.wait4(proc.pid, 0)
+            if os.waitstatus_to_exitcode(status) != 0:
+                raise RuntimeError(f"{name} exited {os.waitstatus_to_exitcode(status)}")
+            result.add(name, time.perf_counter() - start, usage.ru_utime + usage.ru_stime)
+    shutil.rmtree(base)
+    for name in ("status", "validate"):
+        result.extra[f"{name} min CPU ms"] = round(1000 * min(result.cpu[name]), 1)
+    result.extra["pass min CPU ms"] = round(1000 * min(result.cpu["python -c pass"]), 1)
+    return [result]
+
+
 # ----------------------------------------------------------------------------- report
 
 TARGETS = {
@@ -441,6 +822,22 @@ TARGETS = {
     "slow burst": [("sftp -b", None)],
     "slow large": [("sftp -b", None)],
 }
+# issue 17: (scenario prefix, case suffix) -> [(reference, wall ratio target)]
+SERVICE_TARGETS = [
+    ("svc-lan", "large", [("sftp put", 1.0), ("rclone copy", 1.0)]),
+    ("svc-lan", "burst", [("sftp -b", 0.2)]),
+    ("svc-far-cut", "cut at 50%", [("sftp put", 1.3)]),
+    ("svc-fat", "large", [("sftp put", 0.5)]),
+    ("svc-loopback", "burst", [("sftp -b", 1.5)]),
+    ("svc-loopback", "large", [("sftp put", 1.5)]),
+]
+
+
+def target_for(scenario: str, tool: str) -> float | None:
+    for prefix, suffix, targets in SERVICE_TARGETS:
+        if scenario.startswith(prefix) and suffix in scenario:
+            return dict(targets).get(tool)
+    return dict(TARGETS.get(scenario, [])).get(tool)
 
 
 def report(results: list[Result]) -> None:
@@ -450,15 +847,30 @@ def report(results: list[Result]) -> None:
         print(f"\n[{res.scenario}] {extra}")
         if res.scenario in ("latency", "backlog", "idle"):
             continue
+        if res.scenario == "startup":
+            base = statistics.median(res.cpu["python -c pass"])
+            for tool in res.rows:
+                wall, cpu = statistics.median(res.rows[tool]), statistics.median(res.cpu[tool])
+                print(f"  {tool:<14} wall {wall * 1000:6.0f} ms  cpu {cpu * 1000:6.0f} ms  cpu / pass"
+                      f" {cpu / base:4.1f}  (target: wall <= 250 ms, cpu <= 5x pass)")
+            continue
         agent = statistics.median(res.rows["agent"])
-        print(f"  {'agent':<14} {agent:8.3f} s")
+        agent_cpu = statistics.median(res.cpu["agent"]) if res.cpu.get("agent") else None
         for tool, samples in res.rows.items():
-            if tool == "agent":
-                continue
             median = statistics.median(samples)
-            target = dict(TARGETS.get(res.scenario, [])).get(tool)
-            goal = f"  (target <= {target})" if target else ""
-            print(f"  {tool:<14} {median:8.3f} s   ratio {agent / median:5.2f}{goal}")
+            cpu = statistics.median(res.cpu[tool]) if res.cpu.get(tool) else None
+            server = statistics.median(res.server_cpu[tool]) if res.server_cpu.get(tool) else None
+            line = f"  {tool:<14} {median:8.3f} s"
+            line += f"   cpu {cpu:6.2f} s" if cpu is not None else ""
+            line += f"   sshd {server:6.2f} s" if server is not None else ""
+            if tool != "agent":
+                target = target_for(res.scenario, tool)
+                line += f"   wall ratio {agent / median:5.2f}" + (f" (target <= {target})" if target else "")
+                if agent_cpu is not None and cpu:
+                    line += f"   agent cpu / its cpu {agent_cpu / cpu:5.2f}"
+                    if server is not None:
+                        line += f", / its cpu + sshd {agent_cpu / (cpu + server):5.2f}"
+            print(line)
     print("\nother targets: latency p95 < 250 ms; backlog time/file ratio ~1 and flat RSS;"
           " idle < 0.5 CPU s/min and < 60 MiB RSS; < 100 MiB RSS while uploading the large file")
 
@@ -466,8 +878,9 @@ def report(results: list[Result]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Benchmark the agent against sftp -b and rclone.")
     parser.add_argument("--quick", action="store_true", help="smaller inputs and 2 rounds (about 2 min)")
-    parser.add_argument("--scenario", action="append", choices=SCENARIOS,
-                        help="run only this scenario (repeatable); default all")
+    parser.add_argument("--scenario", action="append", choices=(*SCENARIOS, "svc", "all"),
+                        help="run only this scenario (repeatable); `svc`: the svc-* scenarios and startup;"
+                             " default all")
     parser.add_argument("--refs", default="sftp,rclone", help="references to run (comma list)")
     parser.add_argument("--rounds", type=int, help="rounds per scenario")
     parser.add_argument("--burst-files", type=int)
@@ -475,6 +888,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--latency-files", type=int)
     parser.add_argument("--idle-seconds", type=float)
     parser.add_argument("--backlog", type=str, help="comma list of backlog sizes, e.g. 1000,10000")
+    parser.add_argument("--link-large-mb", type=float, help="large file through the emulated links (svc-*)")
+    parser.add_argument("--link-bursts", type=str, help="comma list of svc-lan burst sizes, e.g. 100,1000")
+    parser.add_argument("--svc-backlog", type=int, help="files waiting when svc-backlog starts the daemon")
     parser.add_argument("--concurrency", type=int,
                         help="set upload.concurrency (upload threads) in the agent's config; default: the"
                              " agent's own default")
@@ -489,7 +905,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     sizes = QUICK if args.quick else FULL
     overrides = {"rounds": args.rounds, "burst_files": args.burst_files, "large_mb": args.large_mb,
                  "latency_files": args.latency_files, "idle_seconds": args.idle_seconds,
-                 "backlog_counts": tuple(int(n) for n in args.backlog.split(",")) if args.backlog else None}
+                 "backlog_counts": tuple(int(n) for n in args.backlog.split(",")) if args.backlog else None,
+                 "link_large_mb": args.link_large_mb, "svc_backlog": args.svc_backlog,
+                 "link_burst_files": (tuple(int(n) for n in args.link_bursts.split(","))
+                                      if args.link_bursts else None)}
     sizes = replace(sizes, **{k: v for k, v in overrides.items() if v is not None})
     refs = [ref.strip() for ref in args.refs.split(",") if ref.strip()]
     if "sftp" in refs and not shutil.which("sftp"):
@@ -498,7 +917,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "rclone" in refs and not shutil.which("rclone"):
         print(f"{RCLONE_MISSING}; running without the rclone reference", file=sys.stderr)
         refs.remove("rclone")
-    scenarios = args.scenario or list(SCENARIOS)
+    chosen = args.scenario or ["all"]
+    service = ("svc" in chosen and name.startswith(("svc-", "startup")) for name in SCENARIOS)
+    scenarios = [name for name, svc in zip(SCENARIOS, service, strict=True)
+                 if svc or name in chosen or "all" in chosen]
     print(f"bench: {', '.join(scenarios)}; references {', '.join(refs) or 'none'}; {sizes}", flush=True)
 
     # An installed agent is byte-compiled (pip does it); a checkout run with PYTHONDONTWRITEBYTECODE
@@ -516,6 +938,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "backlog": lambda: [run_backlog(bench, sizes)],
             "idle": lambda: [run_idle(bench, sizes)],
             "slow": lambda: run_slow(bench, sizes),
+            "svc-loopback": lambda: run_svc_loopback(bench, sizes),
+            "svc-lan": lambda: run_svc_link(bench, sizes, "lan"),
+            "svc-far-cut": lambda: run_svc_far_cut(bench, sizes),
+            "svc-fat": lambda: run_svc_link(bench, sizes, "fat"),
+            "svc-backlog": lambda: run_svc_backlog(bench, sizes),
+            "startup": lambda: run_startup(bench, sizes),
         }
         for name in scenarios:
             print(f"\n--- {name} ---", flush=True)
