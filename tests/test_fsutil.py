@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import Config, PathsConfig, SftpConfig
+from agent.store import archive
 from agent.store.archive import Filer
 from agent.store.fsutil import durable_moves
 from agent.store.journal import FileState, Journal
@@ -191,5 +192,41 @@ def test_reservation_covers_every_side_name(tmp_path: Path) -> None:
         assert first.name == "d.csv"
         assert filer._reserve(failed, "d.csv.errors.csv", "12").name == "d-12.csv.errors.csv"
         assert filer._reserve(failed, "d.csv", "13").name == "d-13.csv"  # reserved for #11
+    finally:
+        journal.close()
+
+
+def test_batch_reservation_lists_the_folder_once_and_keeps_every_rule(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """archive_destinations: one listing of the day's folder for a whole batch (a listing per file made a
+    busy day quadratic), with the same names one-by-one reservation gives."""
+    sftp = SftpConfig(host="127.0.0.1", username="u", private_key=tmp_path / "key",
+                      known_hosts=tmp_path / "known_hosts")
+    config = Config(sftp=sftp, paths=PathsConfig(drop=tmp_path / "drop", state_dir=tmp_path / "state",
+                                                 archive=tmp_path / "archive", failed=tmp_path / "failed"))
+    journal = Journal(tmp_path / "j.sqlite3")
+    filer = Filer(config, journal)
+    try:
+        folder = filer._archive_folder()
+        folder.mkdir(parents=True)
+        for i in range(300):
+            (folder / f"old{i}.csv").write_text("x")
+        (folder / "b.csv.server.result_b.csv").write_text("x")  # the server's file of an earlier b.csv
+        (folder / "a.csv").write_text("x")
+        records = [journal.add_claim(name, tmp_path / "drop" / name, config.spool_dir)
+                   for name in ("a.csv", "b.csv", "c.csv", "c.csv", "c.csv.server.x", "new.csv")]
+        listings: list[Path] = []
+        real = archive.os.listdir
+
+        def counting(path: Path) -> list[str]:
+            listings.append(path)
+            return real(path)
+
+        monkeypatch.setattr(archive.os, "listdir", counting)
+        names = [dest.name for dest in filer.archive_destinations(records)]
+        assert len(listings) == 1
+        ids = [record.id for record in records]
+        assert names == [f"a-{ids[0]}.csv", f"b-{ids[1]}.csv", "c.csv", f"c-{ids[3]}.csv",
+                         f"c-{ids[4]}.csv.server.x", "new.csv"]
     finally:
         journal.close()

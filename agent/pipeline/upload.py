@@ -303,9 +303,10 @@ class Uploader:
                 with logger.contextualize(file_id=record.id, file=record.name):
                     results[record.id] = self.after_upload(record)
             return
+        destinations = self.filer.archive_destinations([record for record, _message in published])
         batch = self.journal.update_many([
-            (record.id, message, {**done, "pending_path": self.filer.archive_destination(record),
-                                  "pending_state": FileState.ARCHIVED}) for record, message in published])
+            (record.id, message, {**done, "pending_path": dest, "pending_state": FileState.ARCHIVED})
+            for (record, message), dest in zip(published, destinations, strict=True)])
         for record in self.filer.finish_moves(batch):
             logger.bind(file_id=record.id, file=record.name).info(
                 "{} archived to {}", record.label, record.local_path)

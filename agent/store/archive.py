@@ -43,18 +43,23 @@ class Filer:
         file, and it is not itself a side name of an existing or reserved file (`foo.csv.gz` while
         `foo.csv` is there). Reserved until the move into it is done (`finish_move`).
         """
-        stem, dot, suffix = name.partition(".")
         with self._names_lock:
-            for attempt in range(1, 10_000):
-                candidate = (name if attempt == 1 else
-                             f"{stem}-{tag}{'' if attempt == 2 else f'-{attempt - 1}'}{dot}{suffix}")
-                if self._free(folder, candidate, tag):
-                    dest = folder / candidate
-                    self._reserved[dest] = tag
-                    return dest
+            return self._reserve_locked(folder, name, tag, _server_bases(folder))
+
+    def _reserve_locked(self, folder: Path, name: str, tag: str, listing: frozenset[str] | None) -> Path:
+        """`_reserve` with _names_lock held and `listing` the folder's `_server_bases` (None: no
+        folder), taken under the same hold: the names reserved meanwhile are in `_reserved`."""
+        stem, dot, suffix = name.partition(".")
+        for attempt in range(1, 10_000):
+            candidate = (name if attempt == 1 else
+                         f"{stem}-{tag}{'' if attempt == 2 else f'-{attempt - 1}'}{dot}{suffix}")
+            if self._free(folder, candidate, tag, listing):
+                dest = folder / candidate
+                self._reserved[dest] = tag
+                return dest
         raise FileExistsError(f"no free name for {name!r} in {folder}")
 
-    def _free(self, folder: Path, candidate: str, tag: str) -> bool:
+    def _free(self, folder: Path, candidate: str, tag: str, listing: frozenset[str] | None) -> bool:
         """Called with _names_lock held."""
         if self._reserved.get(folder / candidate) == tag:  # its own, again after a failed move
             return True
@@ -72,18 +77,26 @@ class Filer:
             start = candidate.find(SERVER_INFIX, start + 1)
         if any(base and taken(base) for base in bases):
             return False
-        prefix = candidate + SERVER_INFIX
-        if any(str(path.name).startswith(prefix) for path in self._reserved if path.parent == folder):
+        prefix = f"{folder}/{candidate}{SERVER_INFIX}"  # a reserved <candidate>.server.* in folder
+        if any(str(path).startswith(prefix) and "/" not in str(path)[len(prefix):]
+               for path in self._reserved):
             return False
-        try:
-            return not any(entry.startswith(prefix) for entry in os.listdir(folder))
-        except OSError:  # no folder (yet), or not usable: the move into it says so (and waits)
-            return True
+        return listing is None or candidate not in listing  # no <candidate>.server.* on disk
+
+    def _archive_folder(self) -> Path:
+        today = datetime.now(UTC)
+        return self.config.paths.archive / f"{today:%Y}" / f"{today:%m}" / f"{today:%d}"
 
     def archive_destination(self, record: FileRecord) -> Path:
-        today = datetime.now(UTC)
-        folder = self.config.paths.archive / f"{today:%Y}" / f"{today:%m}" / f"{today:%d}"
-        return self._reserve(folder, record.name, str(record.id))
+        return self._reserve(self._archive_folder(), record.name, str(record.id))
+
+    def archive_destinations(self, records: list[FileRecord]) -> list[Path]:
+        """`archive_destination` for a batch, the day's folder listed once for all of them (listing it
+        per file made a day of many files quadratic: bench/RESULTS.md round 4)."""
+        folder = self._archive_folder()
+        with self._names_lock:
+            listing = _server_bases(folder)
+            return [self._reserve_locked(folder, record.name, str(record.id), listing) for record in records]
 
     def failed_destination(self, record: FileRecord) -> Path:
         return self._reserve(self.config.paths.failed, record.name, str(record.id))
@@ -232,3 +245,20 @@ class Filer:
         raise FileNotFoundError(
             f"{record.label}: neither {record.local_path} nor {record.pending_path} exists"
         )
+
+
+def _server_bases(folder: Path) -> frozenset[str] | None:
+    """Every name in folder that some `<name>.server.<...>` entry of folder starts with (each prefix
+    before a SERVER_INFIX), so one set lookup per candidate name replaces a scan of the folder. None
+    when there is no folder (yet) or it is not usable: the move into it says so (and waits)."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return None
+    bases = set()
+    for name in names:
+        start = name.find(SERVER_INFIX)
+        while start > 0:
+            bases.add(name[:start])
+            start = name.find(SERVER_INFIX, start + 1)
+    return frozenset(bases)
