@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -131,9 +132,57 @@ def descendants(root: int) -> list[int]:
     return found
 
 
-def tree_cpu(root: int) -> float:
-    """CPU seconds of a process tree: every live member's own and reaped children's."""
-    return sum(proc_cpu(pid) for pid in descendants(root))
+def own_cpu(pid: int) -> float | None:
+    """CPU seconds of one process itself (utime + stime); None when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+class ServerCpu:
+    """CPU seconds sshd spends while this is running: every process under the listener is sampled
+    every 20 ms (its own CPU, the last value seen counts). Reaped CPU cannot be used: OpenSSH's
+    session processes are not all reaped by the listener, so their CPU never reaches its cutime."""
+
+    def __init__(self, listener: int | None) -> None:
+        self.listener = listener
+        self.seen: dict[int, float] = {}
+        self.start: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="sshd-cpu")
+
+    def _sample(self) -> None:
+        if self.listener is None:
+            return
+        for pid in descendants(self.listener):
+            cpu = own_cpu(pid)
+            if cpu is not None:
+                self.seen[pid] = cpu
+
+    def _run(self) -> None:
+        for _ in range(10_000_000):  # bounded; stopped by `stop`
+            if self._stop.wait(0.02):
+                return
+            self._sample()
+
+    def __enter__(self) -> ServerCpu:
+        self._sample()
+        self.start = dict(self.seen)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._sample()
+
+    @property
+    def seconds(self) -> float | None:
+        if self.listener is None:
+            return None
+        return sum(cpu - self.start.get(pid, 0.0) for pid, cpu in self.seen.items())
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -291,13 +340,12 @@ class Bench:
         config = self.agent_config(base, ep)
         expected = stage(sources, base / "drop")
         log = (base / "agent.log").open("wb")
-        listener = self.server.sshd_pid
-        server_before = tree_cpu(listener) if listener else 0.0
-        start = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--once", "--config", str(config)],
-                                cwd=self.agent_root, stdout=log, stderr=log)
-        _pid, status, usage = os.wait4(proc.pid, 0)
-        seconds = time.perf_counter() - start
+        with ServerCpu(self.server.sshd_pid) as server:
+            start = time.perf_counter()
+            proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--once", "--config", str(config)],
+                                    cwd=self.agent_root, stdout=log, stderr=log)
+            _pid, status, usage = os.wait4(proc.pid, 0)
+            seconds = time.perf_counter() - start
         proc.returncode = os.waitstatus_to_exitcode(status)
         log.close()
         if proc.returncode != 0:
@@ -308,14 +356,7 @@ class Bench:
         if got != expected or archived != expected:
             raise RuntimeError(f"agent: {got} remote / {archived} archived files, expected {expected}")
         shutil.rmtree(base)
-        server_cpu = None
-        if listener:
-            for _ in range(200):  # up to 2 s for sshd to reap the sessions
-                if len(descendants(listener)) <= 1:
-                    break
-                time.sleep(0.01)
-            server_cpu = tree_cpu(listener) - server_before
-        return Measure(seconds, usage.ru_utime + usage.ru_stime, server_cpu), usage.ru_maxrss / 1024
+        return Measure(seconds, usage.ru_utime + usage.ru_stime, server.seconds), usage.ru_maxrss / 1024
 
     # ---- references
 
@@ -354,22 +395,14 @@ class Bench:
     def client_run(self, cmd: list[str], env: dict[str, str] | os._Environ[str]) -> Measure:
         """Run a reference client; its wall and CPU seconds, and sshd's CPU for its sessions (read
         once those sessions have ended, so the listener has reaped them)."""
-        listener = self.server.sshd_pid
-        server_before = tree_cpu(listener) if listener else 0.0
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
-        _pid, status, usage = os.wait4(proc.pid, 0)
-        seconds = time.perf_counter() - start
+        with ServerCpu(self.server.sshd_pid) as server:
+            start = time.perf_counter()
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
+            _pid, status, usage = os.wait4(proc.pid, 0)
+            seconds = time.perf_counter() - start
         if os.waitstatus_to_exitcode(status) != 0:
             raise RuntimeError(f"{cmd[0]} exited {os.waitstatus_to_exitcode(status)}")
-        server_cpu = None
-        if listener:
-            for _ in range(200):  # up to 2 s for sshd to reap the sessions
-                if len(descendants(listener)) <= 1:
-                    break
-                time.sleep(0.01)
-            server_cpu = tree_cpu(listener) - server_before
-        return Measure(seconds, usage.ru_utime + usage.ru_stime, server_cpu)
+        return Measure(seconds, usage.ru_utime + usage.ru_stime, server.seconds)
 
     # ---- alternating rounds
 
@@ -575,14 +608,10 @@ class Service:
         self.drop.mkdir()
         self.expected_backlog = stage(backlog, self.drop) if backlog is not None else 0
         self.log = (self.base / "agent.log").open("wb")
-        self.server_before = self.server_cpu()
+        self.backlog_server = ServerCpu(bench.server.sshd_pid).__enter__() if backlog is not None else None
         self.started = time.perf_counter()
         self.proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(self.config)],
                                      cwd=bench.agent_root, stdout=self.log, stderr=self.log)
-
-    def server_cpu(self) -> float:
-        listener = self.bench.server.sshd_pid
-        return tree_cpu(listener) if listener else 0.0
 
     def wait_archived(self, expected: int, timeout: float) -> None:
         deadline = time.perf_counter() + timeout
@@ -602,7 +631,9 @@ class Service:
         """The daemon was started with a backlog in drop/: start to the last file archived."""
         self.wait_archived(self.expected_backlog, timeout)
         seconds = time.perf_counter() - self.started
-        return Measure(seconds, proc_cpu(self.proc.pid), self.server_cpu() - self.server_before)
+        assert self.backlog_server is not None
+        self.backlog_server.__exit__()
+        return Measure(seconds, proc_cpu(self.proc.pid), self.backlog_server.seconds)
 
     def warm_up(self) -> None:
         self.deliver_text("users_warmup.csv", small_csv(0))
@@ -620,24 +651,26 @@ class Service:
         count = stage(sources, staged)
         names = sorted(os.listdir(staged))
         expected = count_files(self.archive) + count
-        cpu_before, server_before = proc_cpu(self.proc.pid), self.server_cpu()
+        cpu_before = proc_cpu(self.proc.pid)
         if before_move is not None:
             before_move()
-        start = time.perf_counter()
-        for name in names:
-            os.rename(staged / name, self.drop / name)
-        self.wait_archived(expected, timeout)
-        seconds = time.perf_counter() - start
-        measure = Measure(seconds, proc_cpu(self.proc.pid) - cpu_before, self.server_cpu() - server_before)
+        with ServerCpu(self.bench.server.sshd_pid) as server:
+            start = time.perf_counter()
+            for name in names:
+                os.rename(staged / name, self.drop / name)
+            self.wait_archived(expected, timeout)
+            seconds = time.perf_counter() - start
+        measure = Measure(seconds, proc_cpu(self.proc.pid) - cpu_before, server.seconds)
         if clear:
             got = len(self.bench.remote_files())
             if got != count:
                 raise RuntimeError(f"agent: {got} remote files, expected {count}")
         return measure
 
-    def rss_mib(self) -> float:
+    def rss_mib(self, field: str = "VmRSS") -> float:
+        """The daemon's resident memory now (VmHWM: the peak so far)."""
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
         return 0.0
 
@@ -680,6 +713,7 @@ def service_cases(bench: Bench, label: str, ep: Endpoint, rounds: int,
             tools.update(reference_tools(bench, sources, ep, "copy", sftp_name))
             bench.compare(result, case_rounds or rounds, tools)
             result.extra["agent RSS MiB after"] = round(service.rss_mib(), 1)
+            result.extra["agent peak RSS MiB so far"] = round(service.rss_mib("VmHWM"), 1)
             results.append(result)
     finally:
         service.close()
