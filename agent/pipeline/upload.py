@@ -261,7 +261,9 @@ class Uploader:
                               self.stop_requested.wait)
         publish.open_all(sftp, uploads)
         self._check_stop()
-        publish.write_all(sftp, uploads, self.session.write_request_size(sftp), pacer)
+        session = self.session
+        lanes = (lambda: session.extra_lanes(sftp)) if len(uploads) == 1 else None
+        publish.write_all(sftp, uploads, session.write_request_size(sftp), pacer, lanes)
         publish.close_all(sftp, uploads)
         self.heartbeat()
         self._check_stop()

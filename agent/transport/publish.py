@@ -29,7 +29,9 @@ from paramiko.sftp import CMD_CLOSE, CMD_FSTAT, CMD_REMOVE, CMD_STAT, CMD_WRITE,
 from agent.store.journal import FileRecord
 from agent.transport import pipelining as sftp_batch
 
-WRITE_WINDOW_BYTES = 4 * 1024 * 1024  # WRITE bytes awaiting their status at most (per connection)
+WRITE_WINDOW_BYTES = 4 * 1024 * 1024  # WRITE bytes awaiting their status at most (per SFTP channel)
+LANE_MIN_BYTES = 16 * 1024 * 1024  # a file this large, sent on its own, may use further SFTP channels
+WRITE_OVERHEAD = 64  # bytes of an SFTP WRITE request besides its data (header, handle, offset)
 READ_CHUNK = 256 * 1024  # local read size; each read is cut into WRITEs of the server's size
 
 
@@ -107,18 +109,20 @@ def open_all(sftp: paramiko.SFTPClient, uploads: Sequence[Upload]) -> None:
             upload.handle = result
 
 
-def write_all(sftp: paramiko.SFTPClient, uploads: Sequence[Upload], request_size: int, pacer: Pacer) -> None:
+def write_all(sftp: paramiko.SFTPClient, uploads: Sequence[Upload], request_size: int, pacer: Pacer,
+              extra_lanes: Callable[[], Sequence[paramiko.SFTPClient]] | None = None) -> None:
     """WRITE each open file's local bytes, hashing them as they are read, and read every status.
 
     A connection fault is raised as it comes (the caller drops the connection). A refused WRITE
-    stops that file (its error); a local change stops it too (`changed`).
+    stops that file (its error); a local change stops it too (`changed`). `extra_lanes`: further
+    SFTP channels of the connection a large file may use while the first one's window is full.
     """
-    window = _WriteWindow(sftp)
+    window = _WriteWindow(sftp, extra_lanes)
     for upload in uploads:
         if upload.handle is None:
             continue
         _write_one(sftp, upload, request_size, pacer, window)
-    window.drain(0)
+    window.finish()
 
 
 def close_all(sftp: paramiko.SFTPClient, uploads: Sequence[Upload]) -> None:
@@ -158,62 +162,140 @@ def close_all(sftp: paramiko.SFTPClient, uploads: Sequence[Upload]) -> None:
         sftp_batch.exchange(sftp, [(CMD_REMOVE, (upload.temp,)) for upload in doomed])
 
 
-class _WriteWindow:
-    """WRITE requests awaiting their status, by request id: at most WRITE_WINDOW_BYTES of them."""
+class _Lane:
+    """An SFTP channel a file's WRITEs go over: its client, the replies read from it, and the handle
+    each file has on it (the first lane: the handle of `open_all`; the others: opened when first used,
+    None when the server refused)."""
 
     def __init__(self, sftp: paramiko.SFTPClient) -> None:
         self.sftp = sftp
         self.replies = sftp_batch.ReplyCollector()
-        self.pending: dict[int, tuple[Upload, int, int]] = {}  # request id -> (upload, offset, bytes)
-        # per upload (by id()): request id -> offset of its unanswered WRITEs, in the order sent
-        self.outstanding: dict[int, dict[int, int]] = {}
+        self.handles: dict[int, bytes | None] = {}  # id(upload) -> its handle on this channel
+
+
+class _WriteWindow:
+    """WRITE requests awaiting their status, by (lane, request id): at most WRITE_WINDOW_BYTES per
+    lane in use.
+
+    A file of LANE_MIN_BYTES or more sent on its own may also use `extra_lanes()`: further SFTP
+    channels of the same SSH connection. Each SSH channel has its own flow-control window (OpenSSH
+    grants 2 MiB), so on a long fat link one channel carries at most a window per round trip; a WRITE
+    goes on the first lane whose window has room for it, so the extra ones carry bytes only while the
+    first one is full (never on a link that keeps up). WRITEs still go out in offset order, hashed as
+    they are read; `acked` is the first unanswered offset across every lane.
+    """
+
+    def __init__(self, sftp: paramiko.SFTPClient,
+                 extra_lanes: Callable[[], Sequence[paramiko.SFTPClient]] | None = None) -> None:
+        self.lanes = [_Lane(sftp)]
+        self._extra_lanes = extra_lanes
+        # (lane, request id) -> (upload, offset, bytes)
+        self.pending: dict[tuple[int, int], tuple[Upload, int, int]] = {}
+        # per upload (by id()): (lane, request id) -> offset of its unanswered WRITEs, in the order sent
+        self.outstanding: dict[int, dict[tuple[int, int], int]] = {}
+        self.uploads: dict[int, Upload] = {}  # by id()
         self.bytes = 0
 
+    @property
+    def limit(self) -> int:
+        return WRITE_WINDOW_BYTES * len(self.lanes)
+
     def send(self, upload: Upload, offset: int, data: bytes) -> None:
-        number = self.sftp._async_request(self.replies, CMD_WRITE, upload.handle, int64(offset), data)
-        self.pending[number] = (upload, offset, len(data))
-        self.outstanding.setdefault(id(upload), {})[number] = offset
+        self.uploads[id(upload)] = upload
+        index = self._lane_for(upload, len(data))
+        lane = self.lanes[index]
+        handle = upload.handle if index == 0 else lane.handles[id(upload)]
+        number = lane.sftp._async_request(lane.replies, CMD_WRITE, handle, int64(offset), data)
+        self.pending[(index, number)] = (upload, offset, len(data))
+        self.outstanding.setdefault(id(upload), {})[(index, number)] = offset
         upload.written = offset + len(data)
         self.bytes += len(data)
-        if self.bytes > WRITE_WINDOW_BYTES:
-            self.drain(WRITE_WINDOW_BYTES // 2)
+        if self.bytes > self.limit:
+            self.drain(self.limit // 2)
         else:
             self.collect_arrived()
 
-    def collect_arrived(self) -> None:
+    def _lane_for(self, upload: Upload, size: int) -> int:
+        """The first lane whose channel window takes `size` bytes now (opening this file's handle on
+        a lane that has none yet); the first lane when none does (its send waits for the window)."""
+        if self._extra_lanes is None or (upload.record.size or 0) < LANE_MIN_BYTES:
+            return 0
+        if _window(self.lanes[0].sftp) >= size + WRITE_OVERHEAD:
+            return 0
+        known = {id(lane.sftp) for lane in self.lanes}
+        self.lanes += [_Lane(extra) for extra in self._extra_lanes() if id(extra) not in known]
+        for index, lane in enumerate(self.lanes[1:], start=1):
+            if id(upload) not in lane.handles:
+                [result] = sftp_batch.open_for_writing(lane.sftp, [upload.temp], existing={upload.temp})
+                lane.handles[id(upload)] = None if isinstance(result, OSError) else result
+            if lane.handles[id(upload)] is not None and _window(lane.sftp) >= size + WRITE_OVERHEAD:
+                return index
+        return 0
+
+    def collect_arrived(self) -> int:
         """Read the replies that have already arrived, without waiting for more: `acked` stays within
-        a round trip of the server (what a resume may skip), not a window behind."""
-        ready = getattr(self.sftp, "response_ready", None)
-        if ready is None:
-            return
-        for _ in range(len(self.pending)):
-            if not ready():
-                return
-            self.sftp._read_response()
-            self._settle()
+        a round trip of the server (what a resume may skip), not a window behind. How many."""
+        taken = 0
+        for index, lane in enumerate(self.lanes):
+            ready = getattr(lane.sftp, "response_ready", None)
+            if ready is None:
+                continue
+            for _ in range(len(self.pending)):
+                if not ready():
+                    break
+                lane.sftp._read_response()
+                taken += self._settle(index)
+        return taken
 
     def drain(self, down_to: int) -> None:
         """Read replies (in whatever order they come) until at most `down_to` bytes are outstanding."""
-        sftp_batch.flush_held(self.sftp)
-        while self.pending and self.bytes > down_to:
-            self.sftp._read_response()
-            self._settle()
+        for lane in self.lanes:
+            sftp_batch.flush_held(lane.sftp)
+        for _ in range(2 * len(self.pending) + 2):  # each round reads at least one reply
+            if not self.pending or self.bytes <= down_to:
+                return
+            if len(self.lanes) > 1 and self.collect_arrived():
+                continue
+            index = next(iter(self.pending))[0]  # wait on the lane of the oldest unanswered WRITE
+            self.lanes[index].sftp._read_response()
+            self._settle(index)
 
-    def _settle(self) -> None:
-        """Match the replies read so far to their WRITEs."""
-        for number, (kind, message) in self.replies.take():
-            owner = self.pending.pop(number, None)
+    def finish(self) -> None:
+        """Every reply read; the handles the extra lanes opened are closed (a refusal is the file's)."""
+        self.drain(0)
+        for lane in self.lanes[1:]:
+            owners = [(upload_id, handle) for upload_id, handle in lane.handles.items() if handle is not None]
+            replies = sftp_batch.exchange(lane.sftp, [(CMD_CLOSE, (handle,)) for _id, handle in owners])
+            for (upload_id, _handle), reply in zip(owners, replies, strict=True):
+                upload = self.uploads.get(upload_id)
+                if reply.error is not None and upload is not None and upload.error is None:
+                    upload.error, upload.step = reply.error, "close"
+            lane.handles.clear()
+
+    def _settle(self, index: int) -> int:
+        """Match the replies read so far on lane `index` to their WRITEs; how many."""
+        taken = 0
+        for number, (kind, message) in self.lanes[index].replies.take():
+            owner = self.pending.pop((index, number), None)
             if owner is None:
                 continue
+            taken += 1
             upload, offset, size = owner
             self.bytes -= size
             unanswered = self.outstanding[id(upload)]
-            del unanswered[number]
-            error = sftp_batch.reply_error(self.sftp, kind, message)
+            del unanswered[(index, number)]
+            error = sftp_batch.reply_error(self.lanes[index].sftp, kind, message)
             if error is not None and upload.error is None:
                 upload.error, upload.step = error, f"write at offset {offset} of"
             elif upload.error is None:  # WRITEs go out in offset order: the first unanswered one
                 upload.acked = next(iter(unanswered.values()), upload.written)
+        return taken
+
+
+def _window(sftp: paramiko.SFTPClient) -> int:
+    """Bytes the SSH channel of `sftp` may send now without waiting for the server's window."""
+    channel = sftp.get_channel()
+    return int(getattr(channel, "out_window_size", 0)) if channel is not None else 0
 
 
 def _write_one(sftp: paramiko.SFTPClient, upload: Upload, request_size: int, pacer: Pacer,
