@@ -28,6 +28,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -935,6 +936,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="where sshd stores uploads: its own tmpfs (default; a real server's disk is"
                              " not the agent's), or the agent's own disk (see bench/RESULTS.md)")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stopped: the daemons and sshd are closed
 
     sizes = QUICK if args.quick else FULL
     overrides = {"rounds": args.rounds, "burst_files": args.burst_files, "large_mb": args.large_mb,

@@ -6,18 +6,26 @@ they are read and every WRITE status read; the hash and size must equal the chec
 server must hold that size; the journal says PUBLISHING; a rename publishes the final name; the
 journal says UPLOADED; the local copy is archived. A file found UPLOADING or PUBLISHING at the next
 attempt (a crash or a fault came in between) is first looked up remotely, so it is never published
-twice. A file whose bytes changed after the check is never published: its temporary file is
-removed and it goes back to intake to be checked again once it is stable.
+twice. While a large file is sent, the journal keeps what the server acknowledged of its temporary
+file (`ResumePoint`, about once a second); an attempt that finds that temporary file again, at least
+that long and no longer than the file, with the local copy unchanged, sends only the rest (the prefix
+is hashed locally, so the hash checked before the rename still covers every byte). Any doubt sends
+the file from its first byte. A file whose bytes changed after the check is never published: its
+temporary file is removed and it goes back to intake to be checked again once it is stable.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import json
+import os
 import posixpath
 import random
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import paramiko
@@ -40,6 +48,7 @@ LOCAL_FAULT_PAUSE_SECONDS = 5.0
 BATCH_FILE_MAX_BYTES = 256 * 1024  # files up to this size are sent together (upload.batch_files)
 BATCH_MAX_BYTES = 4 * 1024 * 1024  # bytes of one batch in flight at most
 TEMP_STEM_CHARS = 60  # of the readable stem in a temporary name ({stem})
+RESUME_CHECKPOINT_SECONDS = 1.0  # how often a large file's acknowledged offset is committed
 
 
 class PermanentUploadError(AgentError):
@@ -55,6 +64,54 @@ class TransientUploadError(AgentError):
 def legacy_temporary_name(remote_name: str) -> str:
     """The temporary name of versions before upload.temp_name (looked for when resuming their rows)."""
     return f".{remote_name}.part"
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """What an attempt that was cut short left on the server (the journal's `resume_point`): every
+    WRITE below `acked` into `temp` was answered OK, and those bytes were read from the local copy
+    while it had `local` (size, mtime_ns, inode)."""
+
+    temp: str
+    acked: int
+    local: tuple[int, int, int]
+
+    def dumps(self) -> str:
+        return json.dumps({"temp": self.temp, "acked": self.acked, "local": list(self.local)})
+
+    @classmethod
+    def loads(cls, text: str | None) -> ResumePoint | None:
+        """The point written by `dumps`; None for none or anything else (then nothing is resumed)."""
+        if not text:
+            return None
+        try:
+            data = json.loads(text)
+            temp, acked, local = data["temp"], data["acked"], data["local"]
+            if (isinstance(temp, str) and isinstance(acked, int) and isinstance(local, list)
+                    and len(local) == 3 and all(isinstance(value, int) for value in local)):
+                return cls(temp, acked, (local[0], local[1], local[2]))
+        except (ValueError, TypeError, KeyError):
+            pass
+        return None
+
+
+class _Checkpoint:
+    """Commits what the server acknowledged of one file about once a second (`ResumePoint`)."""
+
+    def __init__(self, journal: Journal, saved: int) -> None:
+        self.journal = journal
+        self.saved = saved
+        self.at = time.monotonic()
+
+    def __call__(self, upload: publish.Upload) -> None:
+        if upload.acked <= self.saved or upload.local_stamp is None or upload.error is not None:
+            return
+        now = time.monotonic()
+        if now - self.at < RESUME_CHECKPOINT_SECONDS:
+            return
+        self.at, self.saved = now, upload.acked
+        point = ResumePoint(upload.temp, upload.acked, upload.local_stamp)
+        self.journal.update(upload.file_id, resume_point=point.dumps())
 
 
 def backoff_delay(attempts: int, initial: float, cap: float) -> float:
@@ -180,6 +237,7 @@ class Uploader:
     def _attempt(self, records: list[FileRecord], results: dict[int, FileRecord]) -> None:
         to_send: list[FileRecord] = []
         found: list[tuple[FileRecord, str]] = []
+        resume_at: dict[int, int] = {}  # file id -> offset its send continues at
         listing = self._remote_listing(records)
         for record in records:
             with logger.contextualize(file_id=record.id, file=record.name):
@@ -194,7 +252,7 @@ class Uploader:
                         to_send.append(record)
                     continue
                 try:
-                    outcome = self._resume(self._client(), record)
+                    outcome = self._resume(self._client(), record, resume_at)
                 except (PermanentUploadError, TransientUploadError) as exc:
                     results[record.id] = self._fault(record, exc)
                     continue
@@ -204,7 +262,7 @@ class Uploader:
                     found.append((record, outcome))
         self._finish(found, results)
         if to_send:
-            self._send(to_send, results)
+            self._send(to_send, results, resume_at)
 
     def _remote_listing(self, records: list[FileRecord]) -> dict[str, int] | None:
         """remote_dir's names and sizes, when a file adopted from the spool is about to be sent."""
@@ -226,15 +284,29 @@ class Uploader:
         record = self.journal.update(record.id, remote_name=name)
         return record, f"found on the server as {name} (adopted: its row was lost); not sent again"
 
-    def _send(self, records: list[FileRecord], results: dict[int, FileRecord]) -> None:
-        """The publish protocol for these files (transport.publish), each step for all of them at once."""
+    def _send(self, records: list[FileRecord], results: dict[int, FileRecord],
+              resume_at: dict[int, int]) -> None:
+        """The publish protocol for these files (transport.publish), each step for all of them at once;
+        a file in `resume_at` continues at that offset."""
         sftp = self._client()
         started = time.monotonic()
-        uploads = [self._upload(record) for record in records]
         rows = {record.id: record for record in records}
-        self.journal.update_many([(record.id, f"sending to {self.final_path(record)}",
-                                   {"state": FileState.UPLOADING}) for record in records
-                                  if record.state != FileState.UPLOADING], fetch=False)
+        uploads = [dataclasses.replace(self._upload(record), resume_from=resume_at.get(record.id, 0))
+                   for record in records]
+        for upload in uploads:
+            if upload.size > BATCH_FILE_MAX_BYTES:  # worth resuming: keep what is acknowledged
+                upload.checkpoint = _Checkpoint(self.journal, upload.resume_from)
+        # what an earlier attempt acknowledged is forgotten before its temporary file is truncated
+        self.journal.update_many([
+            (upload.file_id,
+             f"resuming at byte {upload.resume_from} of {upload.size}" if upload.resume_from
+             else f"sending to {upload.final}",
+             {"state": FileState.UPLOADING,
+              "resume_point": rows[upload.file_id].resume_point if upload.resume_from else None})
+            for upload in uploads
+            if (upload.resume_from or rows[upload.file_id].state != FileState.UPLOADING
+                or rows[upload.file_id].resume_point)
+        ], fetch=False)
         pacer = publish.Pacer(self.stop_requested.is_set, self.heartbeat, self.config.sftp.bandwidth_limit,
                               self.stop_requested.wait)
         tracker = self.progress.track([rows[upload.file_id] for upload in uploads]) if self.progress else None
@@ -243,7 +315,9 @@ class Uploader:
         try:
             publish.open_all(sftp, uploads)
             self._check_stop()
-            publish.write_all(sftp, uploads, self.session.write_request_size(sftp), pacer)
+            session = self.session
+            lanes = (lambda: session.extra_lanes(sftp)) if len(uploads) == 1 else None
+            publish.write_all(sftp, uploads, session.write_request_size(sftp), pacer, lanes)
         finally:
             if tracker is not None:
                 tracker.done()
@@ -263,9 +337,11 @@ class Uploader:
         elapsed = time.monotonic() - started
         for upload in published:
             record = rows[upload.file_id]
+            resumed = (f", resumed at byte {upload.resume_from}: {upload.wrote} bytes sent"
+                       if upload.resume_from else "")
             logger.bind(**file_fields(record) | {"state": FileState.UPLOADED.value}).info(
-                "{} uploaded as {} ({} bytes in {:.2f} s{})", record.label, upload.final, record.size,
-                elapsed, f", {len(uploads)} sent together" if len(uploads) > 1 else "")
+                "{} uploaded as {} ({} bytes in {:.2f} s{}{})", record.label, upload.final, record.size,
+                elapsed, f", {len(uploads)} sent together" if len(uploads) > 1 else "", resumed)
             self._on_published(record, elapsed / len(published))  # each file's share of the batch's time
         self._finish([(rows[upload.file_id], f"published as {upload.final}") for upload in published],
                      results)
@@ -349,11 +425,13 @@ class Uploader:
         if self.stop_requested.is_set():
             raise InterruptedError("stopping: upload abandoned, it restarts at next start")
 
-    def _resume(self, sftp: paramiko.SFTPClient, record: FileRecord) -> str | None:
+    def _resume(self, sftp: paramiko.SFTPClient, record: FileRecord, resume_at: dict[int, int]) -> str | None:
         """An earlier attempt got at least as far as sending: look at the server before sending again.
 
         Returns the journal message once the file is published (it is not sent again), or None
-        when it must be sent (again). The final name is this row's alone (unique in the journal).
+        when it must be sent (again): from the offset put in `resume_at` when the row's temporary
+        file holds what the journal says was acknowledged, else from the start. The final name is
+        this row's alone (unique in the journal).
         """
         final, temp = self.final_path(record), self.temp_path(record)
         found = remote_size(sftp, final)
@@ -382,8 +460,38 @@ class Uploader:
                             record.label, final)
                 return "renamed before the crash; already taken by the server"
         if partial is not None:
+            offset = self._resumable(record, temp, partial)
+            if offset:
+                resume_at[record.id] = offset
+                return None
             sftp.remove(temp)
         return None
+
+    def _resumable(self, record: FileRecord, temp: str, partial: int) -> int:
+        """Where to continue sending `record` into its temporary file `temp` that holds `partial`
+        bytes, or 0 to start again. Only bytes whose every WRITE was answered OK count (the
+        journal's ResumePoint), only in the row's own temporary file, only if the server still holds
+        at least those and no more than the file, and only if the local copy is the one they were
+        read from: a temporary file of another row, a refused WRITE, a server that lost bytes or a
+        local copy that changed all mean sending from the first byte."""
+        point = ResumePoint.loads(record.resume_point)
+        if point is None or point.temp != temp or record.state != FileState.UPLOADING or record.size is None:
+            return 0
+        if not 0 < point.acked <= partial <= record.size:
+            logger.info("{}: the server holds {} bytes of {} where {} of {} were acknowledged; sending it"
+                        " again from the start", record.label, partial, temp, point.acked, record.size)
+            return 0
+        try:
+            info = os.stat(record.local_path)
+        except OSError:
+            return 0
+        if (info.st_size, info.st_mtime_ns, info.st_ino) != point.local or info.st_size != record.size:
+            logger.info("{}: the local copy is not the one the first {} bytes were read from; sending it"
+                        " again from the start", record.label, point.acked)
+            return 0
+        logger.info("{} resumes at byte {} of {} (the server acknowledged them in {}; it holds {})",
+                    record.label, point.acked, record.size, temp, partial)
+        return point.acked
 
     def _client(self) -> paramiko.SFTPClient:
         client = self.session.client()

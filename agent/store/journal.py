@@ -115,7 +115,8 @@ CREATE TABLE IF NOT EXISTS files (
     adopted INTEGER NOT NULL DEFAULT 0,
     api_file_ref TEXT,
     api_job_id TEXT,
-    records_processed INTEGER
+    records_processed INTEGER,
+    resume_point TEXT
 );
 CREATE INDEX IF NOT EXISTS files_state ON files (state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS files_state_id ON files (state, id);  -- next_sendable: oldest first, O(log n)
@@ -134,6 +135,7 @@ _COLUMNS = (
     "id", "name", "source_path", "local_path", "pending_path", "pending_state", "size", "sha256",
     "import_type", "remote_name", "state", "attempts", "error", "next_attempt_at", "created_at",
     "updated_at", "force_resend", "adopted", "api_file_ref", "api_job_id", "records_processed",
+    "resume_point",
 )
 _UPDATABLE = frozenset(_COLUMNS) - {"id", "created_at", "updated_at"}
 _STATE_INDEX = _COLUMNS.index("state")
@@ -178,6 +180,9 @@ class FileRecord:
     api_file_ref: str | None = None  # the API route: the upload's fileRef, committed before validation
     api_job_id: str | None = None  # the API route: the import job, committed as soon as createJob answers
     records_processed: int | None = None  # the API route: the job's recordsProcessed
+    # an upload in progress: what the server acknowledged of the row's temporary file (JSON, written
+    # by agent.pipeline.upload; a resume starts there), None when nothing may be resumed
+    resume_point: str | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> FileRecord:
@@ -269,6 +274,8 @@ class Journal:
         for column, kind in api_columns:
             if column not in present:  # the API route's columns (journals of earlier versions lack them)
                 self._db.execute(f"ALTER TABLE files ADD COLUMN {column} {kind}")
+        if "resume_point" not in present:
+            self._db.execute("ALTER TABLE files ADD COLUMN resume_point TEXT")
         indexed = self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'files_remote_name'").fetchone()
         if indexed is None:
             # No two rows share a remote name. Rows of older versions that did are left as history:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,6 +91,21 @@ class PipelinedSFTPClient(paramiko.SFTPClient):  # type: ignore[misc]
             self._held.clear()
         self._held_bytes = 0
 
+    def response_ready(self) -> bool:
+        """A whole reply has arrived, so reading it does not wait for the server (what is waiting in
+        the channel is moved into the buffer without blocking)."""
+        received = self._received
+        for _ in range(2):  # the buffer, then once more after taking what the channel holds
+            if len(received) >= 4 and len(received) >= 4 + struct.unpack(">I", received[:4])[0]:
+                return True
+            if not self.sock.recv_ready():
+                return False
+            chunk = self.sock.recv(RECEIVE_CHUNK)  # does not block: data is waiting
+            if not chunk:
+                return False  # EOF: the next blocking read reports it
+            received += chunk
+        return len(received) >= 4 and len(received) >= 4 + struct.unpack(">I", received[:4])[0]
+
     @contextlib.contextmanager
     def corked(self) -> Iterator[None]:
         """Requests made in this block go out in runs; the last run when it ends (not if it raises:
@@ -159,10 +174,13 @@ def reply_error(sftp: paramiko.SFTPClient, kind: int, message: paramiko.Message)
     return None
 
 
-def open_for_writing(sftp: paramiko.SFTPClient, paths: Sequence[str]) -> list[bytes | OSError]:
-    """Create or truncate each path for writing: its handle, or why the server refused."""
-    flags = SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_TRUNC
-    replies = exchange(sftp, [(CMD_OPEN, (path, flags, paramiko.SFTPAttributes())) for path in paths])
+def open_for_writing(sftp: paramiko.SFTPClient, paths: Sequence[str],
+                     existing: Collection[str] = ()) -> list[bytes | OSError]:
+    """Create or truncate each path for writing, except those in `existing`, which are opened as
+    they are (and must exist: a resumed upload); its handle, or why the server refused."""
+    fresh = SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_TRUNC
+    replies = exchange(sftp, [(CMD_OPEN, (path, SFTP_FLAG_WRITE if path in existing else fresh,
+                                          paramiko.SFTPAttributes())) for path in paths])
     results: list[bytes | OSError] = []
     for reply in replies:
         if reply.error is None and reply.kind == CMD_HANDLE and reply.message is not None:

@@ -47,6 +47,10 @@ USED_EXTENSIONS = {
     LIMITS_EXTENSION: "WRITE requests as large as the server allows (up to 128 KiB)",
 }
 RSA_SHA2_ALGORITHMS = ("rsa-sha2-512", "rsa-sha2-256")
+# SFTP channels a large file may use besides the session's own, on the same SSH connection: each
+# channel has a flow-control window of its own (OpenSSH: 2 MiB), so one channel carries at most that
+# per round trip (transport.publish, bench/RESULTS.md round 4)
+EXTRA_LANES = 3
 
 
 def make_transport(sock: socket.socket | paramiko.ProxyCommand, **kwargs: Any) -> paramiko.Transport:
@@ -224,6 +228,8 @@ class SftpSession:
         self._lock = threading.Lock()
         self._write_size: tuple[paramiko.SFTPClient, int] | None = None  # per connection
         self._pending_error: Exception | None = None  # try_connect()'s failure, for the next client()
+        self._lanes: list[paramiko.SFTPClient] = []  # extra SFTP channels of this connection
+        self._lanes_asked = False  # their opening started on this connection
 
     def client(self) -> paramiko.SFTPClient:
         with self._lock:
@@ -360,6 +366,10 @@ class SftpSession:
             self._close_locked()
 
     def _close_locked(self) -> None:
+        for lane in self._lanes:
+            with contextlib.suppress(Exception):
+                lane.close()
+        self._lanes, self._lanes_asked = [], False
         if self._sftp is not None:
             with contextlib.suppress(Exception):  # closing a dead session may fail any way it likes
                 self._sftp.close()
@@ -372,6 +382,42 @@ class SftpSession:
         """Forget the connection after an error, so the next `client()` opens a fresh one."""
         self.close()
 
+    def extra_lanes(self, sftp: paramiko.SFTPClient) -> list[paramiko.SFTPClient]:
+        """Further SFTP channels open on the connection of `sftp` (this session's client). The first
+        call starts opening up to EXTRA_LANES of them in the background (a few round trips each);
+        until then, and on a server that allows one session per connection, it returns fewer."""
+        with self._lock:
+            if self._sftp is not sftp or self._ssh is None or not _lanes_allowed():
+                return []
+            if not self._lanes_asked:
+                self._lanes_asked = True
+                for number in range(EXTRA_LANES):  # at once: each takes a few round trips
+                    threading.Thread(target=self._open_lane, args=(sftp, self._ssh.get_transport()),
+                                     name=f"sftp-lane-{number + 1}", daemon=True).start()
+            return list(self._lanes)
+
+    def _open_lane(self, sftp: paramiko.SFTPClient, transport: paramiko.Transport | None) -> None:
+        try:
+            lane = AgentSFTPClient.from_transport(transport) if transport is not None else None
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            if transport is not None and not transport.is_active():
+                _forbid_lanes(f"the server closed the connection when another SFTP channel was opened"
+                              f" ({exc})")
+            else:
+                logger.debug("the server opens no further SFTP channel on this connection ({})", exc)
+            return
+        if lane is None:
+            return
+        channel = lane.get_channel()
+        if channel is not None:
+            channel.settimeout(self.config.operation_timeout)
+        with self._lock:
+            if self._sftp is not sftp:  # closed or replaced meanwhile
+                with contextlib.suppress(Exception):
+                    lane.close()
+                return
+            self._lanes.append(lane)
+
     def write_request_size(self, sftp: paramiko.SFTPClient) -> int:
         """Bytes per SFTP WRITE on `sftp`, this session's connection: asked once per connection."""
         cached = self._write_size
@@ -380,6 +426,24 @@ class SftpSession:
         size = write_request_size(sftp)
         self._write_size = (sftp, size)
         return size
+
+
+_lanes_forbidden_lock = threading.Lock()
+_lanes_forbidden: list[str] = []  # why extra SFTP channels are not opened any more in this process
+
+
+def _lanes_allowed() -> bool:
+    with _lanes_forbidden_lock:
+        return not _lanes_forbidden
+
+
+def _forbid_lanes(why: str) -> None:
+    """A server that drops the connection when a further channel is opened gets none again."""
+    with _lanes_forbidden_lock:
+        if _lanes_forbidden:
+            return
+        _lanes_forbidden.append(why)
+    logger.info("{}; large files use one SFTP channel from now on", why)
 
 
 def server_write_limit(sftp: paramiko.SFTPClient) -> int | None:
