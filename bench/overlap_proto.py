@@ -32,7 +32,6 @@ if str(REPO) not in sys.path:
 
 from agent.config import ImportsConfig, SftpConfig  # noqa: E402
 from agent.imports.admission import admit  # noqa: E402
-from agent.store.journal import FileRecord, FileState  # noqa: E402
 from agent.transport import publish  # noqa: E402
 from agent.transport.sftp import SftpSession  # noqa: E402
 from bench.link import Link  # noqa: E402
@@ -49,16 +48,12 @@ def check(path: str) -> str | None:
 
 
 def send(session: SftpSession, path: Path, size: int, remote_dir: str) -> str:
-    """The publish protocol's steps for one file; the SHA-256 of the bytes sent. (The record carries
+    """The publish protocol's steps for one file; the SHA-256 of the bytes sent. (The upload carries
     the file's real hash, computed untimed, so the protocol's own comparison passes; the rounds
     compare the check's hash with the one sent.)"""
     sftp = session.client()
-    record = FileRecord(id=1, name=path.name, source_path=str(path), local_path=str(path), pending_path=None,
-                        pending_state=None, size=size, sha256=KNOWN[str(path)], import_type="users",
-                        remote_name="x.csv",
-                        state=FileState.UPLOADING, attempts=0, error=None, next_attempt_at=None,
-                        created_at="", updated_at="", force_resend=0)
-    upload = publish.Upload(record, str(path), f"{remote_dir}/.1.part", f"{remote_dir}/x.csv")
+    upload = publish.Upload(1, size, KNOWN[str(path)], str(path), f"{remote_dir}/.1.part",
+                            f"{remote_dir}/x.csv")
     pacer = publish.Pacer(lambda: False, lambda: None, 0, time.sleep)
     publish.open_all(sftp, [upload])
     publish.write_all(sftp, [upload], session.write_request_size(sftp), pacer,
