@@ -23,7 +23,7 @@ from agent.config import Config
 from agent.imports.admission import PartOf, admit, part_numbers, spool_part_of
 from agent.imports.split import SplitError, split_file
 from agent.imports.types import FileFormat
-from agent.intake.watch import Candidate, DropScanner, entry_problem
+from agent.intake.watch import Candidate, DropScanner, entry_problem, look_at
 from agent.logs import file_fields
 from agent.store.archive import Filer
 from agent.store.fsutil import durable_moves, ensure_dir, fsync_dir
@@ -59,11 +59,10 @@ class Intake:
         is durable before its rename; its rename is durable before its check commits)."""
         paths = []
         for path, _subfolder in candidates:
-            try:
-                info = os.lstat(path)
-            except FileNotFoundError:
+            looked = look_at(path)
+            if looked is None:
                 continue
-            problem = entry_problem(info.st_mode)
+            problem = looked[1]
             if problem:
                 self.scanner.warn_once(path, problem)
                 continue

@@ -55,6 +55,16 @@ def entry_problem(mode: int) -> str | None:
     return None if kind is None else _NOT_TAKEN.get(kind, "is a device; only regular files are read")
 
 
+def look_at(path: Path) -> tuple[os.stat_result, str | None] | None:
+    """The entry's lstat and why it must not be read (None for a regular file); None when it is gone.
+    Intake's claim and `run --dry-run` decide on a drop/ entry through this one look."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return info, entry_problem(info.st_mode)
+
+
 Candidate = tuple[Path, str | None]  # the path and the import-type subfolder it lies in
 
 

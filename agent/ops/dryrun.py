@@ -8,7 +8,6 @@ limits shows its split plan (how many parts, and their remote names).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,7 +15,8 @@ from pathlib import Path
 from agent.config import Config, ImportType
 from agent.imports.naming import remote_name
 from agent.imports.types import JOB_TYPES
-from agent.intake.watch import DropScanner, entry_problem
+from agent.intake.claim import hard_link_reason
+from agent.intake.watch import DropScanner, look_at
 from agent.logs import escape_controls
 from agent.ops.checkfiles import FileCheck, check_file
 from agent.ops.explain import first_sentence
@@ -43,17 +43,16 @@ def plan_drop(config: Config, now: datetime | None = None) -> list[Plan]:
     plans = []
     for path, _subfolder in scanner.scan():
         shown = escape_controls(str(path.relative_to(drop)))
-        try:
-            info = os.lstat(path)
-        except FileNotFoundError:
+        looked = look_at(path)
+        if looked is None:
             continue
-        problem = entry_problem(info.st_mode)
+        info, problem = looked
         if problem:
             plans.append(Plan(shown, "leave", f"{shown}: left alone: it {problem}"))
             continue
         if info.st_nlink > 1:
-            plans.append(Plan(shown, "refuse", f"{shown}: would go to failed/: it has {info.st_nlink} hard"
-                              " links (copy it into drop/ instead of linking it)"))
+            plans.append(Plan(shown, "refuse", f"{shown}: would go to failed/: "
+                              + hard_link_reason(path.name, info.st_nlink)))
             continue
         plans.append(_plan_file(config, path, shown, check_file(path, config.imports, drop=drop), taken,
                                 seen, now))
