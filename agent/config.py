@@ -120,6 +120,11 @@ class UploadConfig(_Section):
     # name's readable stem). Hidden by default, so the server never takes a half-written file.
     temp_name: str = ".{id}.part"
     temp_dir: str = ""  # a server folder for temporary files ("" = remote_dir); renamed across on publish
+    # a file at least this large is checked (validation + SHA-256) in a worker process while its bytes
+    # are sent, and published only once the check passed (agent/intake/check_process.py); smaller
+    # files, and every file with 0, are checked before their first byte. The API route and
+    # user-deletion files (their warning names the users first) are always checked first.
+    check_while_sending_bytes: Annotated[int, Field(ge=0)] = 16 * 1024 * 1024
 
     @field_validator("temp_name")
     @classmethod

@@ -96,6 +96,9 @@ class Agent:
         self.scanner = DropScanner(paths.drop, _type_folders(config))
         self.scanner.create_folders()
         self.progress = UploadProgress(paths.state_dir)  # `status` shows an upload's bytes sent
+        # intake queues a large file unchecked; the uploader has it checked while it is sent
+        self.intake = Intake(config, self.journal, self.filer, self.scanner, lambda: self.worker.wake(),
+                             on_changed=self._check_again_when_stable)
         self.uploader: Uploader | ApiUploader
         sessions: SessionPool | None = None
         if api:  # SaaSquatch's import API (pipeline/api_upload.py): no SFTP session, no status poll
@@ -116,11 +119,10 @@ class Agent:
                                      archive_on_publish=not tracking,  # the batch path files at once
                                      after_archive=self.lifecycle.compress,
                                      on_changed=self._check_again_when_stable,
-                                     on_published=on_published, heartbeat=heartbeat)
+                                     on_published=on_published, heartbeat=heartbeat,
+                                     check_while_sending=self.intake)
         self.worker = UploadWorker(self.uploader, self.journal, config.upload.concurrency, sessions=sessions,
                                    heartbeat_interval=heartbeat_interval)
-        self.intake = Intake(config, self.journal, self.filer, self.scanner, self.worker.wake,
-                             on_changed=self._check_again_when_stable)
         self.settle = SettleQueue(config.watch.settle_seconds, self.intake.claim_many,
                                   self.intake.check_again, refill=self.rescan)
         self.watcher: DropWatcher | None = None

@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import paramiko
 from loguru import logger
@@ -34,6 +34,7 @@ from loguru import logger
 from agent.config import Config, ImportType
 from agent.errors import AgentError, Fault, classify
 from agent.imports.naming import readable_stem
+from agent.imports.report import ValidationReport
 from agent.logs import file_fields
 from agent.pipeline.progress import UploadProgress
 from agent.store.adopt import find_published
@@ -114,6 +115,24 @@ class _Checkpoint:
         self.journal.update(upload.file_id, resume_point=point.dumps())
 
 
+class PendingCheck(Protocol):
+    """A file's check running in a worker process (agent.intake.check_process.CheckProcess)."""
+
+    def result(self, keep_going: Callable[[], None]) -> ValidationReport: ...
+
+    def cancel(self) -> None: ...
+
+
+class CheckWhileSending(Protocol):
+    """Intake's side of a file queued unchecked (agent.intake.claim.Intake): `begin` starts its
+    check; `conclude` applies the rules to the report and returns the row with its SHA-256 and
+    remote name committed, or None when it filed the file (refused, split, duplicate)."""
+
+    def begin(self, record: FileRecord) -> PendingCheck: ...
+
+    def conclude(self, record: FileRecord, report: ValidationReport) -> FileRecord | None: ...
+
+
 def backoff_delay(attempts: int, initial: float, cap: float) -> float:
     """Capped exponential backoff with jitter: between half and all of min(cap, initial * 2^(n-1))."""
     ceiling = min(cap, initial * 2.0 ** max(0, attempts - 1))
@@ -144,7 +163,9 @@ class Uploader:
     and the archive intent are one commit and the files are filed together; `after_archive` then
     runs per file (compress). `on_changed`: a file whose bytes changed after the check (intake
     checks it again once it is stable). `on_published`: each file's upload seconds (metrics).
-    `heartbeat`: the systemd watchdog ping, called while progress is made.
+    `heartbeat`: the systemd watchdog ping, called while progress is made. `check_while_sending`:
+    checks a file queued unchecked (no SHA-256 yet) while its bytes are sent; without it such a file
+    goes back to intake to be checked first.
     """
 
     def __init__(self, config: Config, journal: Journal, filer: Filer, session: SftpSession, *,
@@ -154,7 +175,8 @@ class Uploader:
                  on_changed: Callable[[FileRecord], None] = _ignore,
                  on_published: Callable[[FileRecord, float], None] = _ignore_timing,
                  heartbeat: Callable[[], None] = _no_heartbeat, attempt_limit: int | None = None,
-                 progress: UploadProgress | None = None) -> None:
+                 progress: UploadProgress | None = None,
+                 check_while_sending: CheckWhileSending | None = None) -> None:
         self.config = config
         self.journal = journal
         self.filer = filer
@@ -175,6 +197,7 @@ class Uploader:
         self.last_connection_error: str | None = None
         self.attempt_limit = attempt_limit  # `run --once`: attempts (per file, and connections in a row)
         self.progress = progress  # the `uploading` rows' bytes sent (status, log)
+        self._check_while_sending = check_while_sending
 
     @property
     def session(self) -> SftpSession:
@@ -300,7 +323,7 @@ class Uploader:
         self.journal.update_many([
             (upload.file_id,
              f"resuming at byte {upload.resume_from} of {upload.size}" if upload.resume_from
-             else f"sending to {upload.final}",
+             else f"sending to {upload.final or upload.temp}",
              {"state": FileState.UPLOADING,
               "resume_point": rows[upload.file_id].resume_point if upload.resume_from else None})
             for upload in uploads
@@ -312,19 +335,29 @@ class Uploader:
         tracker = self.progress.track([rows[upload.file_id] for upload in uploads]) if self.progress else None
         if tracker is not None:
             pacer.on_progress = tracker.update
+        checks: dict[int, PendingCheck] = {}  # files queued unchecked: checked while they are sent
         try:
+            for upload in uploads:
+                if upload.sha256 is None:
+                    checks[upload.file_id] = self._begin_check(rows[upload.file_id])
             publish.open_all(sftp, uploads)
             self._check_stop()
             session = self.session
             lanes = (lambda: session.extra_lanes(sftp)) if len(uploads) == 1 else None
             publish.write_all(sftp, uploads, session.write_request_size(sftp), pacer, lanes)
+            if tracker is not None:
+                tracker.done()
+                tracker = None
+            publish.close_all(sftp, uploads)
+            self.heartbeat()
+            self._check_stop()
+            complete = self._conclude_checks(sftp, [upload for upload in uploads if upload.complete],
+                                             checks, rows, results)
         finally:
             if tracker is not None:
                 tracker.done()
-        publish.close_all(sftp, uploads)
-        self.heartbeat()
-        self._check_stop()
-        complete = [upload for upload in uploads if upload.complete]
+            for check in checks.values():  # the send failed or stopped: nothing waits for these
+                check.cancel()
         self.journal.update_many([(upload.file_id, f"renaming to {upload.final}",
                                    {"state": FileState.PUBLISHING}) for upload in complete], fetch=False)
         published = []
@@ -351,9 +384,70 @@ class Uploader:
                     results[upload.file_id] = self._not_published(sftp, upload)
 
     def _upload(self, record: FileRecord) -> publish.Upload:
-        """The protocol's view of a row: its id, the checked size and SHA-256, the local and remote paths."""
-        return publish.Upload(record.id, int(record.size or 0), str(record.sha256), record.local_path,
-                              self.temp_path(record), self.final_path(record))
+        """The protocol's view of a row: its id, the checked size and SHA-256, the local and remote paths
+        (a file queued unchecked has neither SHA-256 nor final name until its check concludes)."""
+        return publish.Upload(record.id, int(record.size or 0), record.sha256, record.local_path,
+                              self.temp_path(record), self.final_path(record) if record.remote_name else "")
+
+    def _begin_check(self, record: FileRecord) -> PendingCheck:
+        if self._check_while_sending is None:
+            raise TransientUploadError(f"{record.label} was queued to be checked while it is sent, and"
+                                       " this agent cannot; it is sent again")
+        check = self._check_while_sending.begin(record)
+        logger.debug("{} is being checked in worker process {} while it is sent", record.label,
+                     getattr(check, "pid", "?"))
+        return check
+
+    def _conclude_checks(self, sftp: paramiko.SFTPClient, complete: list[publish.Upload],
+                         checks: dict[int, PendingCheck], rows: dict[int, FileRecord],
+                         results: dict[int, FileRecord]) -> list[publish.Upload]:
+        """The files sent completely that may be renamed: for one checked while it was sent, once its
+        check passed and the bytes checked are the bytes sent (its row then has its SHA-256 and remote
+        name). A file refused by the check, or whose bytes differ, has its temporary file removed
+        and is never renamed."""
+        keep = []
+        for upload in complete:
+            check = checks.pop(upload.file_id, None)
+            if check is None:
+                keep.append(upload)
+                continue
+            record = rows[upload.file_id]
+            with logger.contextualize(file_id=record.id, file=record.name):
+                try:
+                    report = check.result(self._keep_going)
+                except InterruptedError:
+                    raise
+                except Exception as exc:  # the worker died or could not read the file: sent again
+                    raise TransientUploadError(f"its check in a worker process gave no verdict ({exc});"
+                                               " nothing was published") from exc
+                sent = upload.digest.hexdigest()
+                if report.sha256 is not None and (report.sha256, report.bytes) != (sent, upload.sent):
+                    _remove_temporary(sftp, upload)
+                    results[record.id] = self._changed(
+                        record, f"{report.bytes} bytes with SHA-256 {report.sha256[:16]}... were checked,"
+                        f" {upload.sent} with {sent[:16]}... were sent")
+                    continue
+                assert self._check_while_sending is not None  # it began the check
+                concluded = self._check_while_sending.conclude(record, report)
+                if concluded is None:  # refused, split or a duplicate: filed by intake, never renamed
+                    _remove_temporary(sftp, upload)
+                    results[record.id] = self.journal.get(record.id)
+                    continue
+                if concluded.sha256 != sent:
+                    _remove_temporary(sftp, upload)
+                    results[record.id] = self._changed(concluded, "the bytes checked are not the bytes sent")
+                    continue
+                logger.debug("{} passed its check while it was sent; publishing it as {}", record.label,
+                             concluded.remote_name)
+                rows[upload.file_id] = concluded
+                upload.sha256, upload.final = concluded.sha256, self.final_path(concluded)
+                keep.append(upload)
+        return keep
+
+    def _keep_going(self) -> None:
+        """While waiting for a check: ping the watchdog; a stop ends the wait (InterruptedError)."""
+        self.heartbeat()
+        self._check_stop()
 
     def _finish(self, published: list[tuple[FileRecord, str]], results: dict[int, FileRecord]) -> None:
         """Record files as uploaded; with no status tracking, together with the archive intent (one
@@ -434,7 +528,8 @@ class Uploader:
         this row's alone (unique in the journal).
         """
         final, temp = self.final_path(record), self.temp_path(record)
-        found = remote_size(sftp, final)
+        # a file queued unchecked gets its remote name only once checked, before the rename
+        found = remote_size(sftp, final) if record.remote_name else None
         if found == record.size:
             logger.info("{} was already published as {}; not sending it again", record.label, final)
             return "found published on the server"
@@ -565,6 +660,16 @@ class Uploader:
     def wait_for_connection_slot(self) -> float:
         """Seconds to hold off every file after a connection fault, so N files make one attempt."""
         return max(0.0, self._connection_retry_at - time.time())
+
+
+def _remove_temporary(sftp: paramiko.SFTPClient, upload: publish.Upload) -> None:
+    """Remove the temporary file of bytes that must not be published (a leftover one would only
+    ever be overwritten by this row's next attempt: its name is the row's)."""
+    try:
+        sftp.remove(upload.temp)
+    except OSError as exc:
+        logger.warning("could not remove the temporary file {} ({}); it is not published", upload.temp,
+                       exc.strerror or exc)
 
 
 def _describe_fault(exc: BaseException, fault: Fault) -> str:

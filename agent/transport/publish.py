@@ -41,10 +41,10 @@ class Upload:
 
     file_id: int  # the journal row, for the caller
     size: int  # the checked size
-    sha256: str  # the checked SHA-256
+    sha256: str | None  # the checked SHA-256; None while a worker process still checks the file
     local: str  # the claimed (spool) copy
     temp: str  # remote temporary path
-    final: str  # remote final path
+    final: str  # remote final path ("" until the check that names the file is done)
     handle: bytes | None = None
     error: OSError | None = None  # the server refused a step (its words)
     step: str = ""  # the step that error belongs to, as "the server refused to <step> <temp>"
@@ -361,12 +361,13 @@ def _hash_prefix(fd: int, upload: Upload, pacer: Pacer) -> None:
         upload.changed = f"it holds fewer than the {upload.resume_from} bytes sent before"
 
 
-def changed_since_check(checked_size: int, checked_sha256: str, size: int, sha256: str,
+def changed_since_check(checked_size: int, checked_sha256: str | None, size: int, sha256: str,
                         before: tuple[int, int], after: tuple[int, int]) -> str | None:
-    """Why the bytes just read are not the bytes that were checked, or None when they are."""
+    """Why the bytes just read are not the bytes that were checked, or None when they are (the
+    hash is compared by the caller when the check is still running: `checked_sha256` None)."""
     if size != checked_size:
         return f"{size} bytes were read, {checked_size} were checked"
-    if sha256 != checked_sha256:
+    if checked_sha256 is not None and sha256 != checked_sha256:
         return f"its SHA-256 is now {sha256[:16]}..., {checked_sha256[:16]}... was checked"
     if before != after:
         return "it was written to while it was being sent"
