@@ -25,7 +25,6 @@ from agent.intake.watch import DropScanner, DropWatcher
 from agent.logs import file_fields, setup_logging
 from agent.ops.summary import run_records
 from agent.ops.wakeup import WakeListener
-from agent.pipeline.api_upload import API_SENDABLE_STATES, ApiUploader
 from agent.pipeline.lifecycle import TRACKED_STATES, Lifecycle
 from agent.pipeline.notify import Notifier as FileNotifier
 from agent.pipeline.progress import UploadProgress
@@ -43,6 +42,7 @@ if TYPE_CHECKING:
     from apscheduler.schedulers.background import BackgroundScheduler
 
     from agent.ops.metrics import Metrics
+    from agent.pipeline.api_upload import ApiUploader
 
 
 ONCE_POLL_SECONDS = 0.02  # `run --once` looks this often whether everything is done (one COUNT query)
@@ -89,6 +89,8 @@ class Agent:
         self._lock_file = take_lock(paths.state_dir / "agent.lock")
         tracking = config.status.tracking  # the status job follows an uploaded file, not the uploader
         api = config.upload.transport == Transport.API
+        if api:  # the API route's modules (httpx, ssl: ~3 MiB, ~45 ms) only where it is used
+            from agent.pipeline.api_upload import API_SENDABLE_STATES, ApiUploader
         self.journal = Journal(config.journal_path, sendable_states=(
             API_SENDABLE_STATES if api else SENDING_STATES if tracking else ACTIVE_STATES))
         notifier = FileNotifier(config.notify)
@@ -219,7 +221,7 @@ class Agent:
         if not self.worker.stop(max(0.1, deadline - time.monotonic())):
             logger.warning("the upload in flight did not stop in time; it resumes at the next start")
         self.lifecycle.stop(max(0.1, deadline - time.monotonic()))
-        if isinstance(self.uploader, ApiUploader):
+        if not isinstance(self.uploader, Uploader):  # the API route's HTTP client
             self.uploader.close()
         self.progress.close()
         self.journal.close()
@@ -282,10 +284,12 @@ def run_agent(config: Config, *, once: bool, report: Callable[[str], object] = p
     """`saasquatch-agent run`: one pass (`--once`: 0 when every file ended archived; its per-file
     summary goes to `report`) or the daemon. An unusable key stops it before anything is touched
     (files stay queued): StartError."""
-    from agent.transport.api import ApiKeyError, api_key_path, load_api_key
-
+    unusable_key: tuple[type[Exception], ...] = (PrivateKeyError, OSError)
     try:
-        if config.upload.transport == Transport.API:
+        if config.upload.transport == Transport.API:  # httpx is imported only where it is used
+            from agent.transport.api import ApiKeyError, api_key_path, load_api_key
+
+            unusable_key += (ApiKeyError,)
             load_api_key(api_key_path(config.api))
         else:
             load_private_key(private_key_path(config.sftp))
@@ -295,7 +299,7 @@ def run_agent(config: Config, *, once: bool, report: Callable[[str], object] = p
         for line in summary:
             report(line)
         return code
-    except (PrivateKeyError, ApiKeyError, OSError) as exc:
+    except unusable_key as exc:
         raise StartError(f"cannot start: {exc}") from exc
 
 

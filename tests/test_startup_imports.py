@@ -63,3 +63,4 @@ def test_run_once_loads_neither_invoke_nor_prometheus_client_by_default(env: Age
     assert len(env.archived_files()) == 1
     assert "invoke" not in modules
     assert "prometheus_client" not in modules
+    assert "httpx" not in modules  # the API route's client, with upload.transport = "sftp"
