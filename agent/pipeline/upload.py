@@ -413,6 +413,7 @@ class Uploader:
                 continue
             record = rows[upload.file_id]
             with logger.contextualize(file_id=record.id, file=record.name):
+                waited = time.monotonic()
                 try:
                     report = check.result(self._keep_going)
                 except InterruptedError:
@@ -437,7 +438,8 @@ class Uploader:
                     _remove_temporary(sftp, upload)
                     results[record.id] = self._changed(concluded, "the bytes checked are not the bytes sent")
                     continue
-                logger.debug("{} passed its check while it was sent; publishing it as {}", record.label,
+                logger.debug("{} passed its check while it was sent (its report came {:.2f} s after the last"
+                             " byte); publishing it as {}", record.label, time.monotonic() - waited,
                              concluded.remote_name)
                 rows[upload.file_id] = concluded
                 upload.sha256, upload.final = concluded.sha256, self.final_path(concluded)
