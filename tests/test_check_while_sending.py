@@ -174,6 +174,16 @@ def test_the_worker_process_reports_the_check_and_the_hash(tmp_path: Path) -> No
 
 
 @pytest.mark.unit
+def test_the_worker_checks_while_nobody_waits_for_it(tmp_path: Path) -> None:
+    """The check runs while the caller sends: it is done before its report is asked for."""
+    path = tmp_path / "users_w.csv"
+    path.write_bytes(users_csv(50, "w"))
+    check = CheckProcess(CheckRequest(str(path), ImportType.USERS, FileFormat.CSV, 10**8, 10**6))
+    assert wait_until(lambda: check.finished, 20), "the worker waited for its caller"
+    assert check.result().ok
+
+
+@pytest.mark.unit
 def test_the_worker_process_says_why_it_gave_no_report(tmp_path: Path) -> None:
     missing = tmp_path / "gone.csv"
     with pytest.raises(CheckProcessError, match="No such file"):

@@ -55,7 +55,21 @@ class CheckProcess:
             [sys.executable, "-m", "agent.intake.check_process"], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, close_fds=True)
         self.pid = self._process.pid
-        self._input: bytes | None = pickle.dumps(request)
+        # the request now (a few hundred bytes: the pipe takes them at once), so the check runs while
+        # the caller sends; stdin closed and forgotten, so `communicate` only reads
+        stdin = self._process.stdin
+        assert stdin is not None
+        try:
+            stdin.write(pickle.dumps(request))
+            stdin.close()
+        except BrokenPipeError:  # the worker died at start: `result` says how
+            pass
+        self._process.stdin = None
+
+    @property
+    def finished(self) -> bool:
+        """The worker has ended (its report, if any, waits in the pipe)."""
+        return self._process.poll() is not None
 
     def result(self, keep_going: Callable[[], None] = lambda: None) -> ValidationReport:
         """The report, once the worker is done. `keep_going` is called every WAIT_STEP_SECONDS of
@@ -63,10 +77,9 @@ class CheckProcess:
         try:
             for _ in range(1_000_000):  # bounded: about 5 days of half-second steps
                 try:
-                    out, err = self._process.communicate(self._input, timeout=WAIT_STEP_SECONDS)
+                    out, err = self._process.communicate(timeout=WAIT_STEP_SECONDS)
                     break
                 except subprocess.TimeoutExpired:
-                    self._input = None  # written already; communicate keeps reading
                     keep_going()
             else:
                 raise CheckProcessError("the check did not finish")
