@@ -1,8 +1,10 @@
-"""Streaming CSV check: one pass of the C `csv` reader, a few list lookups per record.
+"""Streaming CSV check: one pass over the rows, a few list lookups per record.
 
 The bytes go through a guard that stops at a NUL byte (binary data) and a strict UTF-8 decoder
-(BOM accepted); `newline=""` keeps quoted newlines and CRLF intact for the parser. Memory stays
-bounded by the read chunk and the csv module's field size limit.
+(BOM accepted). Text without quotes or carriage returns is split with `str.split` (`FastRows`, about
+twice as fast as the parser); from the first chunk that has either, the C `csv` reader takes over,
+over `newline=""` text so quoted newlines and CRLF stay intact. Memory stays bounded by the read
+chunk and the csv module's field size limit.
 """
 
 from __future__ import annotations
@@ -10,14 +12,17 @@ from __future__ import annotations
 import codecs
 import csv
 import io
-from collections.abc import Iterator, Sequence
-from itertools import islice
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import chain, islice, repeat
 from operator import itemgetter
-from typing import Any, BinaryIO, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from agent.imports.report import ErrorSink
 from agent.imports.rules import REQUIRED, TYPED, shown
 from agent.imports.types import ImportType
+
+if TYPE_CHECKING:
+    from _csv import Reader
 
 CHUNK = 64 * 1024
 BATCH = 256
@@ -53,6 +58,94 @@ class _NulGuard(io.BufferedIOBase):
 
     def read(self, size: int | None = -1) -> bytes:
         return self.read1(size)
+
+
+class _Resume(io.BufferedIOBase):
+    """`head`, then the rest of `guard` (None: it is at its end)."""
+
+    def __init__(self, head: bytes, guard: _NulGuard | None) -> None:
+        super().__init__()
+        self._head = head
+        self._guard = guard
+
+    def readable(self) -> bool:
+        return True
+
+    def read1(self, size: int | None = -1) -> bytes:
+        if self._head:
+            head, self._head = self._head, b""
+            return head
+        return b"" if self._guard is None else self._guard.read1(size)
+
+    def read(self, size: int | None = -1) -> bytes:
+        return self.read1(size)
+
+
+class FastRows:
+    """The rows `csv.reader(text, strict=True)` gives for the text of `guard` (utf-8-sig,
+    `newline=""`), and its `line_num` whenever an error surfaces, for about half the CPU.
+
+    Why: without quotes and carriage returns, CSV is lines split on commas, and `str.split` on a
+    chunk beats the parser's per-character loop. Chunks of `chunk` bytes are read and decoded as
+    TextIOWrapper does, and each chunk's complete lines are yielded (split lazily by a C `map`)
+    before the next read, so a NUL byte or bad UTF-8 surfaces after the same rows. Iterating gives
+    `chain`'s iterator: no Python code runs per row. From the first chunk with a quote, a carriage
+    return or a line longer than `csv.field_size_limit()` (so the parser reports it), the csv module
+    reads the rest of the text, from the first line not yet yielded.
+    """
+
+    def __init__(self, guard: _NulGuard, chunk: int = CHUNK) -> None:
+        self._guard = guard
+        self._chunk = chunk
+        self._decoder = codecs.getincrementaldecoder("utf-8-sig")()
+        self._fast_lines = 0
+        self._reader: Reader | None = None
+        self._rows = chain.from_iterable(self._pieces())
+
+    @property
+    def line_num(self) -> int:
+        return self._fast_lines + (0 if self._reader is None else self._reader.line_num)
+
+    def __iter__(self) -> Iterator[list[str]]:
+        return self._rows
+
+    def __next__(self) -> list[str]:
+        return next(self._rows)
+
+    def _pieces(self) -> Iterator[Iterable[list[str]]]:
+        leftover = ""  # the start of a line that goes on in the next chunk
+        while True:
+            data = self._guard.read1(self._chunk)  # BinaryData, UnicodeDecodeError: rows so far
+            at_end = not data
+            text = leftover + self._decoder.decode(data, final=at_end)
+            if '"' in text or "\r" in text:
+                yield self._fall_back(text, at_end)
+                return
+            lines = text.split("\n")
+            limit = csv.field_size_limit()
+            if len(text) > limit and max(map(len, lines)) > limit:
+                yield self._fall_back(text, at_end)
+                return
+            leftover = lines.pop()
+            if at_end and leftover:
+                lines.append(leftover)  # a last line without a newline is a row
+            if lines:
+                self._fast_lines += len(lines)
+                if not lines[0] or "\n\n" in text:  # a blank line
+                    yield [line.split(",") if line else [] for line in lines]  # csv gives []
+                else:
+                    yield map(str.split, lines, repeat(","))
+            if at_end:
+                return
+
+    def _fall_back(self, text: str, at_end: bool) -> Reader:
+        # Decoded text has no BOM and encodes back to the bytes it came from.
+        head = text.encode("utf-8") + self._decoder.getstate()[0]
+        source = _Resume(head, None if at_end else self._guard)
+        wrapper = io.TextIOWrapper(cast(BinaryIO, source), encoding="utf-8", newline="")
+        wrapper._CHUNK_SIZE = self._chunk  # type: ignore[attr-defined]
+        self._reader = csv.reader(wrapper, strict=True)
+        return self._reader
 
 
 def locate_bad_utf8(stream: BinaryIO) -> tuple[int, int, int]:
@@ -157,24 +250,18 @@ class _Columns:
 
 def check_csv(stream: BinaryIO, import_type: ImportType, sink: ErrorSink) -> int:
     """Check a CSV from its start; returns the number of data records read."""
-    guard = _NulGuard(stream)
-    text = io.TextIOWrapper(cast(BinaryIO, guard), encoding="utf-8-sig", newline="")
-    text._CHUNK_SIZE = CHUNK  # type: ignore[attr-defined]
-    reader = csv.reader(text, strict=True)
+    reader = FastRows(_NulGuard(stream))
     try:
-        try:
-            header = next(reader, None)
-        except (csv.Error, BinaryData, UnicodeDecodeError) as exc:
-            _report_failure(exc, stream, reader, 1, sink)
-            return 0
-        if header is None:
-            sink.add(None, "", "the file is empty: it has no header row and no records")
-            return 0
-        if not _check_header(header, import_type, sink):
-            return 0
-        return _check_records(reader, len(header), _Columns(header, import_type), sink, stream)
-    finally:
-        text.detach()
+        header = next(reader, None)
+    except (csv.Error, BinaryData, UnicodeDecodeError) as exc:
+        _report_failure(exc, stream, reader, 1, sink)
+        return 0
+    if header is None:
+        sink.add(None, "", "the file is empty: it has no header row and no records")
+        return 0
+    if not _check_header(header, import_type, sink):
+        return 0
+    return _check_records(reader, len(header), _Columns(header, import_type), sink, stream)
 
 
 def _check_records(reader: Iterator[list[str]], width: int, columns: _Columns, sink: ErrorSink,
