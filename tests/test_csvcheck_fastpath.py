@@ -49,8 +49,10 @@ def _value(rng: random.Random, quotes: bool, limit: int) -> str:
 
 def _csv_text(rng: random.Random, limit: int) -> str:
     """A random CSV text: plain about half the time (the fast path), else with quotes, CR or errors."""
-    plain = rng.random() < 0.5
-    endings = ["\n"] if plain else ["\n", "\n", "\r\n", "\r"]
+    roll = rng.random()
+    plain = roll < 0.5  # no quotes: the fast path, with "\n" or Excel's "\r\n" line ends
+    endings = (["\n"] if roll < 0.25 else ["\r\n"] if roll < 0.4 else ["\n", "\r\n"] if plain
+               else ["\n", "\n", "\r\n", "\r"])
     lines = []
     for _ in range(rng.randint(0, 12)):
         if rng.random() < 0.1:
@@ -61,6 +63,9 @@ def _csv_text(rng: random.Random, limit: int) -> str:
     text = "".join(line + rng.choice(endings) for line in lines)
     if text and rng.random() < 0.3:
         text = text[:-1]  # no final newline (or, after "\r\n", a lone "\r")
+    if plain and "\r" in text and rng.random() < 0.2:  # a lone carriage return: the csv module
+        at = rng.randint(0, len(text))
+        text = text[:at] + "\r" + text[at:]
     if not plain and rng.random() < 0.3:
         at = rng.randint(0, len(text))
         bad = rng.choice(['"', '"x\ny', '"a"b', '"a"",', 'O"Neil', "\r"])  # unclosed, after close...

@@ -85,13 +85,14 @@ class FastRows:
     """The rows `csv.reader(text, strict=True)` gives for the text of `guard` (utf-8-sig,
     `newline=""`), and its `line_num` whenever an error surfaces, for about half the CPU.
 
-    Why: without quotes and carriage returns, CSV is lines split on commas, and `str.split` on a
-    chunk beats the parser's per-character loop. Chunks of `chunk` bytes are read and decoded as
-    TextIOWrapper does, and each chunk's complete lines are yielded (split lazily by a C `map`)
-    before the next read, so a NUL byte or bad UTF-8 surfaces after the same rows. Iterating gives
-    `chain`'s iterator: no Python code runs per row. From the first chunk with a quote, a carriage
-    return or a line longer than `csv.field_size_limit()` (so the parser reports it), the csv module
-    reads the rest of the text, from the first line not yet yielded.
+    Why: without quotes, CSV is lines split on commas, and `str.split` on a chunk beats the parser's
+    per-character loop. Chunks of `chunk` bytes are read and decoded as TextIOWrapper does, and each
+    chunk's complete lines are yielded (split lazily by a C `map`) before the next read, so a NUL
+    byte or bad UTF-8 surfaces after the same rows. Iterating gives `chain`'s iterator: no Python
+    code runs per row. "\r\n" (Excel's line end) ends a line as "\n" does. From the first chunk with
+    a quote, a lone carriage return (a line end of its own to the parser) or a line longer than
+    `csv.field_size_limit()` (so the parser reports it), the csv module reads the rest of the text,
+    from the first line not yet yielded.
     """
 
     def __init__(self, guard: _NulGuard, chunk: int = CHUNK) -> None:
@@ -118,20 +119,27 @@ class FastRows:
             data = self._guard.read1(self._chunk)  # BinaryData, UnicodeDecodeError: rows so far
             at_end = not data
             text = leftover + self._decoder.decode(data, final=at_end)
-            if '"' in text or "\r" in text:
+            if '"' in text:
                 yield self._fall_back(text, at_end)
                 return
-            lines = text.split("\n")
+            cut = len(text) if at_end else text.rfind("\n") + 1
+            body, leftover = text[:cut], text[cut:]
+            if "\r" in text:  # Excel's "\r\n" line ends are "\n" to the parser; a lone "\r" is not
+                body = body.replace("\r\n", "\n")
+                if "\r" in body or "\r" in leftover[:-1]:  # (a "\r" ending the leftover may meet its "\n")
+                    yield self._fall_back(text, at_end)
+                    return
+            lines = body.split("\n")
             limit = csv.field_size_limit()
-            if len(text) > limit and max(map(len, lines)) > limit:
+            if len(text) > limit and max(len(leftover), *map(len, lines)) > limit:
                 yield self._fall_back(text, at_end)
                 return
-            leftover = lines.pop()
-            if at_end and leftover:
-                lines.append(leftover)  # a last line without a newline is a row
+            last = lines.pop()  # "" after the final "\n"; at the end, a last line without one
+            if last:
+                lines.append(last)
             if lines:
                 self._fast_lines += len(lines)
-                if not lines[0] or "\n\n" in text:  # a blank line
+                if not lines[0] or "\n\n" in body:  # a blank line
                     yield [line.split(",") if line else [] for line in lines]  # csv gives []
                 else:
                     yield map(str.split, lines, repeat(","))
