@@ -13,8 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from agent.config import load_config
 from agent.imports.types import FileFormat, ImportType
 from agent.intake.check_process import CheckProcess, CheckProcessError, CheckRequest
+from agent.pipeline.upload import Uploader
+from agent.store.archive import Filer
+from agent.store.journal import FileState, Journal
+from agent.transport.sftp import SftpSession
 from tests.helpers.agent_env import AgentEnv, wait_until
 from tests.helpers.sshd import SshdServer
 from tests.test_integrity import FinalNameWatcher, assert_delivered, sha, users_csv
@@ -157,6 +162,29 @@ def test_check_while_sending_off_checks_every_file_first(sshd_server: SshdServer
     assert result.returncode == 0, result.stderr
     assert "queued as" in result.stderr and QUEUED_UNCHECKED not in result.stderr
     assert_delivered(env, sshd_server.local_remote_dir, {"users_first.csv": data})
+
+
+def test_an_uploader_that_cannot_check_while_sending_gives_the_file_back_to_intake(
+        sshd_server: SshdServer, tmp_path: Path) -> None:
+    env = AgentEnv.for_sshd(tmp_path / "agent", sshd_server)
+    config = load_config(env.config_path)
+    for folder in (config.spool_dir, config.paths.archive, config.paths.failed):
+        folder.mkdir(parents=True, exist_ok=True)
+    journal = Journal(config.journal_path)
+    session = SftpSession(config.sftp)
+    given_back: list[int] = []
+    try:
+        uploader = Uploader(config, journal, Filer(config, journal), session,
+                            on_changed=lambda record: given_back.append(record.id))
+        record = journal.add_claim("users_u.csv", Path("/drop/users_u.csv"), config.spool_dir)
+        Path(record.local_path).write_bytes(users_csv(5, "u"))
+        record = journal.update(record.id, state=FileState.QUEUED, size=100, import_type="users")
+        done = uploader.process(record)
+    finally:
+        session.close()
+        journal.close()
+    assert done.state == FileState.CLAIMED and given_back == [record.id]
+    assert list(sshd_server.local_remote_dir.iterdir()) == []  # nothing sent
 
 
 # ------------------------------------------------------------------ the worker process itself

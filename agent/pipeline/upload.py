@@ -311,6 +311,16 @@ class Uploader:
               resume_at: dict[int, int]) -> None:
         """The publish protocol for these files (transport.publish), each step for all of them at once;
         a file in `resume_at` continues at that offset."""
+        if self._check_while_sending is None:  # nothing here checks while sending: intake checks first
+            for record in records:
+                if record.sha256 is None:
+                    results[record.id] = self.journal.update(
+                        record.id, state=FileState.CLAIMED, next_attempt_at=None,
+                        message="queued to be checked while it is sent; checked before sending instead")
+                    self._on_changed(results[record.id])
+            records = [record for record in records if record.sha256 is not None]
+            if not records:
+                return
         sftp = self._client()
         started = time.monotonic()
         rows = {record.id: record for record in records}
@@ -390,9 +400,7 @@ class Uploader:
                               self.temp_path(record), self.final_path(record) if record.remote_name else "")
 
     def _begin_check(self, record: FileRecord) -> PendingCheck:
-        if self._check_while_sending is None:
-            raise TransientUploadError(f"{record.label} was queued to be checked while it is sent, and"
-                                       " this agent cannot; it is sent again")
+        assert self._check_while_sending is not None  # `_send` gave the others back to intake
         check = self._check_while_sending.begin(record)
         logger.debug("{} is being checked in worker process {} while it is sent", record.label,
                      getattr(check, "pid", "?"))
