@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -608,6 +609,7 @@ class Service:
         self.drop = self.base / "drop"
         self.archive = self.base / "archive"
         self.staging = self.base / "staging"
+        self._journal: sqlite3.Connection | None = None
         self.drop.mkdir()
         self.expected_backlog = stage(backlog, self.drop) if backlog is not None else 0
         self.log = (self.base / "agent.log").open("wb")
@@ -616,11 +618,24 @@ class Service:
         self.proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(self.config)],
                                      cwd=bench.agent_root, stdout=self.log, stderr=self.log)
 
+    def archived(self) -> int:
+        """Files the daemon has archived: its journal's count (one indexed query; a row is `archived`
+        only once its file is in archive/). Walking archive/ every 5 ms instead cost ~1.4 ms of CPU a
+        look with 3,000 files there, taken from the two cores the agent and sshd share (round 5)."""
+        try:
+            if self._journal is None:
+                self._journal = sqlite3.connect(f"file:{self.base / 'state' / 'journal.sqlite3'}?mode=ro",
+                                                uri=True, timeout=5)
+            row = self._journal.execute("SELECT COUNT(*) FROM files WHERE state = 'archived'").fetchone()
+            return int(row[0])
+        except sqlite3.Error:  # not created yet
+            return count_files(self.archive)
+
     def wait_archived(self, expected: int, timeout: float) -> None:
         deadline = time.perf_counter() + timeout
         interval = 0.005 if expected < 200 else 0.05
         for _ in range(int(timeout / interval) + 2):  # bounded
-            if count_files(self.archive) >= expected:
+            if self.archived() >= expected:
                 return
             if self.proc.poll() is not None or time.perf_counter() > deadline or any(
                     (self.base / "failed").glob("*.reason.txt")):
@@ -653,7 +668,7 @@ class Service:
         shutil.rmtree(staged, ignore_errors=True)
         count = stage(sources, staged)
         names = sorted(os.listdir(staged))
-        expected = count_files(self.archive) + count
+        expected = self.archived() + count
         cpu_before = proc_cpu(self.proc.pid)
         if before_move is not None:
             before_move()
@@ -678,6 +693,8 @@ class Service:
         return 0.0
 
     def close(self) -> None:
+        if self._journal is not None:
+            self._journal.close()
         self.proc.terminate()
         try:
             self.proc.wait(timeout=30)
