@@ -69,6 +69,7 @@ class Sizes:
     link_large_mb: float  # svc-lan, svc-far-cut, svc-fat large file
     single_files: int  # single-file rounds in the svc-* scenarios
     svc_backlog: int
+    svc_cases: tuple[str, ...] = ("single", "burst", "large")  # svc-loopback's cases
 
 
 FULL = Sizes(rounds=3, burst_files=1000, large_mb=100, latency_files=200, backlog_counts=(1000, 10000),
@@ -655,18 +656,39 @@ class Service:
         cpu_before = proc_cpu(self.proc.pid)
         if before_move is not None:
             before_move()
+        profiler = self.profile()
         with ServerCpu(self.bench.server.sshd_pid) as server:
             start = time.perf_counter()
             for name in names:
                 os.rename(staged / name, self.drop / name)
             self.wait_archived(expected, timeout)
             seconds = time.perf_counter() - start
+        if profiler is not None:
+            profiler.send_signal(signal.SIGINT)
+            profiler.wait(timeout=60)
         measure = Measure(seconds, proc_cpu(self.proc.pid) - cpu_before, server.seconds)
         if clear:
             got = len(self.bench.remote_files())
             if got != count:
                 raise RuntimeError(f"agent: {got} remote files, expected {count}")
         return measure
+
+    def profile(self) -> subprocess.Popen[bytes] | None:
+        """With BENCH_PYSPY=DIR: py-spy samples the daemon during each delivery (raw collapsed stacks
+        in DIR; for finding where the time goes, not for the timed rounds: sampling slows it)."""
+        folder = os.environ.get("BENCH_PYSPY")
+        if not folder:
+            return None
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        out = Path(folder) / f"deliver-{self.proc.pid}-{time.time_ns()}.txt"
+        extra = os.environ.get("BENCH_PYSPY_ARGS", "").split()  # e.g. --gil
+        command = ["py-spy", "record", "--pid", str(self.proc.pid), "--format", "raw", "--rate", "500",
+                   "--nonblocking", *extra, "-o", str(out)]
+        path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+        profiler = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    env={**os.environ, "PATH": path})
+        time.sleep(1.0)  # attached
+        return profiler
 
     def rss_mib(self, field: str = "VmRSS") -> float:
         """The daemon's resident memory now (VmHWM: the peak so far)."""
@@ -745,11 +767,13 @@ def burst_input(bench: Bench, files: int) -> Path:
 
 
 def run_svc_loopback(bench: Bench, sizes: Sizes) -> list[Result]:
-    return service_cases(bench, "svc-loopback", bench.direct, sizes.rounds, [
-        ("single file", single_input(bench), "sftp -b", sizes.single_files),
-        (f"burst {sizes.burst_files}", burst_input(bench, sizes.burst_files), "sftp -b", 0),
-        (f"large {sizes.large_mb:g} MB", large_input(bench, sizes.large_mb), "sftp put", 0),
-    ])
+    cases = {
+        "single": lambda: ("single file", single_input(bench), "sftp -b", sizes.single_files),
+        "burst": lambda: (f"burst {sizes.burst_files}", burst_input(bench, sizes.burst_files), "sftp -b", 0),
+        "large": lambda: (f"large {sizes.large_mb:g} MB", large_input(bench, sizes.large_mb), "sftp put", 0),
+    }
+    return service_cases(bench, "svc-loopback", bench.direct, sizes.rounds,
+                         [make() for name, make in cases.items() if name in sizes.svc_cases])
 
 
 def run_svc_link(bench: Bench, sizes: Sizes, link: str) -> list[Result]:
@@ -926,6 +950,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--link-large-mb", type=float, help="large file through the emulated links (svc-*)")
     parser.add_argument("--link-bursts", type=str, help="comma list of svc-lan burst sizes, e.g. 100,1000")
     parser.add_argument("--svc-backlog", type=int, help="files waiting when svc-backlog starts the daemon")
+    parser.add_argument("--svc-cases", type=str,
+                        help="comma list of svc-loopback cases to run (single,burst,large); default all")
     parser.add_argument("--concurrency", type=int,
                         help="set upload.concurrency (upload threads) in the agent's config; default: the"
                              " agent's own default")
@@ -943,6 +969,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "latency_files": args.latency_files, "idle_seconds": args.idle_seconds,
                  "backlog_counts": tuple(int(n) for n in args.backlog.split(",")) if args.backlog else None,
                  "link_large_mb": args.link_large_mb, "svc_backlog": args.svc_backlog,
+                 "svc_cases": tuple(c.strip() for c in args.svc_cases.split(",")) if args.svc_cases else None,
                  "link_burst_files": (tuple(int(n) for n in args.link_bursts.split(","))
                                       if args.link_bursts else None)}
     sizes = replace(sizes, **{k: v for k, v in overrides.items() if v is not None})
