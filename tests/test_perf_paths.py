@@ -149,3 +149,47 @@ def test_journal_rows_map_onto_file_records_by_position() -> None:
     from agent.store.journal import _COLUMNS, FileRecord
 
     assert [field.name for field in dataclasses.fields(FileRecord)] == list(_COLUMNS)
+
+
+def test_remote_name_lookup_uses_the_index(tmp_path: Path) -> None:
+    """Queueing a file looks its remote name up in the partial unique index, not by reading every row
+    (that was one full scan per file queued, growing with the journal)."""
+    journal = journal_with(tmp_path, [(FileState.ARCHIVED, None, 0)] * 3)
+    record = journal.add_claim("users_x.csv", tmp_path / "users_x.csv", tmp_path)
+    statements: list[str] = []
+    journal._db.set_trace_callback(statements.append)
+    try:
+        journal.update(record.id, state=FileState.QUEUED, remote_name="users_x_1.csv")
+        journal._db.set_trace_callback(None)
+        lookups = [sql for sql in statements if sql.startswith("SELECT") and "remote_name" in sql]
+        assert lookups
+        for sql in lookups:
+            plan = " ".join(str(row[-1]) for row in journal._db.execute(f"EXPLAIN QUERY PLAN {sql}"))
+            assert "files_remote_name" in plan or "PRIMARY KEY" in plan, (sql, plan)
+    finally:
+        journal._db.set_trace_callback(None)
+        journal.close()
+
+
+def test_remote_names_of_rows_below_the_index_floor_still_count(tmp_path: Path) -> None:
+    """A journal of an older version had two rows with one remote name: its index starts above them,
+    and a new file with that name still gets `-2` (rows below the floor are looked at too)."""
+    path = tmp_path / "journal.sqlite3"
+    journal = Journal(path)
+    journal._db.execute("DROP INDEX files_remote_name")
+    for index in range(2):
+        record = journal.add_claim(f"users_{index}.csv", tmp_path / f"users_{index}.csv", tmp_path)
+        journal.update(record.id, state=FileState.ARCHIVED)
+    journal._db.execute("UPDATE files SET remote_name = 'users_a.csv'")  # as an older version could
+    journal.close()
+    journal = Journal(path)  # migrates: the index covers rows above id 2
+    try:
+        assert journal._name_floor == 2
+        record = journal.add_claim("users_a.csv", tmp_path / "users_a.csv", tmp_path)
+        queued = journal.update(record.id, state=FileState.QUEUED, remote_name="users_a.csv")
+        assert queued.remote_name == "users_a-2.csv"
+        other = journal.add_claim("users_b.csv", tmp_path / "users_b.csv", tmp_path)
+        queued = journal.update(other.id, state=FileState.QUEUED, remote_name="users_a-2.csv")
+        assert queued.remote_name == "users_a-2-2.csv"  # held above the floor: found by the index
+    finally:
+        journal.close()

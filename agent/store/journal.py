@@ -237,6 +237,7 @@ class Journal:
 
     def _connect(self, path: Path, readonly: bool) -> None:
         self.path = path
+        self._name_floor: int | None = None  # see _migrate
         if readonly:
             self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
         else:
@@ -285,6 +286,11 @@ class Journal:
                 " WHERE remote_name IS NOT NULL GROUP BY remote_name HAVING COUNT(*) > 1)").fetchone()[0]
             self._db.execute(f"CREATE UNIQUE INDEX files_remote_name ON files (remote_name)"
                              f" WHERE remote_name IS NOT NULL AND id > {int(floor)}")
+        # the index's floor: a lookup by remote name says `id > floor` so SQLite can use the (partial)
+        # index; rows at or below it (older versions' history) are looked at by id range
+        sql = self._db.execute("SELECT sql FROM sqlite_master WHERE name = 'files_remote_name'").fetchone()[0]
+        found = re.search(r"id > (\d+)", str(sql))
+        self._name_floor = int(found.group(1)) if found else None
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -521,11 +527,24 @@ class Journal:
     def _free_remote_name(self, name: str, file_id: int, taken: set[str]) -> str:
         stem, dot, extension = name.rpartition(".")
         candidate, number = name, 1
-        while candidate in taken or self._db.execute(
-                "SELECT 1 FROM files WHERE remote_name = ? AND id != ?", (candidate, file_id)).fetchone():
+        while candidate in taken or self._remote_name_held(candidate, file_id):
             number += 1
             candidate = f"{stem}-{number}{dot}{extension}" if dot else f"{name}-{number}"
         return candidate
+
+    def _remote_name_held(self, name: str, file_id: int) -> bool:
+        """Another row has this remote name: an index lookup (a bare `remote_name = ?` cannot use the
+        partial index and read every row, once per file queued), then the rows below its floor."""
+        floor = self._name_floor
+        if floor is None:  # no index as we make it: every row
+            return self._db.execute("SELECT 1 FROM files WHERE remote_name = ? AND id != ?",
+                                    (name, file_id)).fetchone() is not None
+        if self._db.execute("SELECT 1 FROM files WHERE remote_name = ? AND id > ? AND id != ?",
+                            (name, floor, file_id)).fetchone() is not None:
+            return True
+        return bool(floor) and self._db.execute(
+            "SELECT 1 FROM files WHERE id <= ? AND remote_name = ? AND id != ?",
+            (floor, name, file_id)).fetchone() is not None
 
     def _apply_same(self, keys: tuple[str, ...], now: str,
                     changes: list[tuple[int, str | None, dict[str, Any]]]) -> None:
