@@ -292,6 +292,7 @@ class Bench:
                  agent_root: Path = REPO) -> None:
         self.server = server
         self.agent_root = agent_root  # the folder holding the `agent` package that runs
+        self.compare_root: Path | None = None  # --compare-root: a second tree, "agent B" (svc-* cases)
         self.work = work
         self.refs = list(refs)
         self.concurrency = concurrency
@@ -600,7 +601,8 @@ class Service:
     has been running is. `deliver` moves files into drop/ (renames from a staging folder on the same
     filesystem, as `mv` does) and times them until every one is archived."""
 
-    def __init__(self, bench: Bench, ep: Endpoint, backlog: Path | None = None) -> None:
+    def __init__(self, bench: Bench, ep: Endpoint, backlog: Path | None = None,
+                 agent_root: Path | None = None) -> None:
         self.bench = bench
         self.base = bench.agent_dirs()
         self.config = bench.agent_config(self.base, ep, settle=0.0, extra=SERVICE_EXTRA)
@@ -613,7 +615,7 @@ class Service:
         self.backlog_server = ServerCpu(bench.server.sshd_pid).__enter__() if backlog is not None else None
         self.started = time.perf_counter()
         self.proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(self.config)],
-                                     cwd=bench.agent_root, stdout=self.log, stderr=self.log)
+                                     cwd=agent_root or bench.agent_root, stdout=self.log, stderr=self.log)
 
     def wait_archived(self, expected: int, timeout: float) -> None:
         deadline = time.perf_counter() + timeout
@@ -726,13 +728,19 @@ def service_cases(bench: Bench, label: str, ep: Endpoint, rounds: int,
     """For each (name, inputs, sftp row name, rounds) case: the running service against the references."""
     results = []
     service = Service(bench, ep)
+    # --compare-root: a second daemon running another tree, alternated with the first ("agent B")
+    other = Service(bench, ep, agent_root=bench.compare_root) if bench.compare_root else None
     try:
         service.warm_up()
+        if other is not None:
+            other.warm_up()
         bench.clear_remote()
         for name, sources, sftp_name, case_rounds in cases:
             print(f"  [{label} {name}]", flush=True)
             result = Result(f"{label} {name}", extra={"files": len(os.listdir(sources))})
             tools: dict[str, Callable[[], Measure]] = {"agent": lambda s=sources: service.deliver(s)}
+            if other is not None:
+                tools["agent B"] = lambda s=sources: other.deliver(s)
             tools.update(reference_tools(bench, sources, ep, "copy", sftp_name))
             bench.compare(result, case_rounds or rounds, tools)
             result.extra["agent RSS MiB after"] = round(service.rss_mib(), 1)
@@ -740,6 +748,8 @@ def service_cases(bench: Bench, label: str, ep: Endpoint, rounds: int,
             results.append(result)
     finally:
         service.close()
+        if other is not None:
+            other.close()
     return results
 
 
@@ -957,6 +967,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                              " agent's own default")
     parser.add_argument("--agent-root", type=Path, default=REPO,
                         help="run the `agent` package found in this folder (e.g. a copy of an older tree)")
+    parser.add_argument("--compare-root", type=Path,
+                        help="svc-* cases: also run a daemon from this folder's `agent` package as"
+                             " \"agent B\", alternated with the first (A/B of two trees)")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--server-disk", choices=("tmpfs", "shared"), default="tmpfs",
                         help="where sshd stores uploads: its own tmpfs (default; a real server's disk is"
@@ -994,6 +1007,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     with (tempfile.TemporaryDirectory(prefix="saasquatch-bench-") as tmp,
           SshdServer(log_level="ERROR") as server, server_storage(server, args.server_disk)):
         bench = Bench(server, Path(tmp), refs, args.concurrency, args.agent_root.resolve())
+        if args.compare_root:
+            bench.compare_root = args.compare_root.resolve()
+            subprocess.run([sys.executable, "-m", "compileall", "-q", str(bench.compare_root / "agent")],
+                           check=True, env={**os.environ, "PYTHONDONTWRITEBYTECODE": ""})
         runners: dict[str, Callable[[], list[Result]]] = {
             "burst": lambda: [run_burst(bench, sizes)],
             "large": lambda: [run_large(bench, sizes)],
