@@ -659,6 +659,7 @@ class Service:
         if before_move is not None:
             before_move()
         profiler = self.profile()
+        threads_before = self.thread_cpu() if os.environ.get("BENCH_THREADS") else None
         with ServerCpu(self.bench.server.sshd_pid) as server:
             start = time.perf_counter()
             for name in names:
@@ -668,12 +669,42 @@ class Service:
         if profiler is not None:
             profiler.send_signal(signal.SIGINT)
             profiler.wait(timeout=60)
+        if threads_before is not None:
+            after = self.thread_cpu()
+            names = self.thread_names()
+            spent = sorted(((after[tid] - threads_before.get(tid, 0.0), names.get(tid, str(tid)))
+                            for tid in after), reverse=True)
+            print("    threads: " + ", ".join(f"{name} {cpu:.2f}" for cpu, name in spent if cpu >= 0.005),
+                  flush=True)
         measure = Measure(seconds, proc_cpu(self.proc.pid) - cpu_before, server.seconds)
         if clear:
             got = len(self.bench.remote_files())
             if got != count:
                 raise RuntimeError(f"agent: {got} remote files, expected {count}")
         return measure
+
+    def thread_cpu(self) -> dict[int, float]:
+        """CPU seconds (user + system) of each of the daemon's threads (BENCH_THREADS=1)."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        out = {}
+        for tid in os.listdir(f"/proc/{self.proc.pid}/task"):
+            with contextlib.suppress(OSError):
+                fields = Path(f"/proc/{self.proc.pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+                out[int(tid)] = (int(fields[11]) + int(fields[12])) / ticks
+        return out
+
+    def thread_names(self) -> dict[int, str]:
+        """Python thread names by native id (py-spy dump)."""
+        path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+        dump = subprocess.run(["py-spy", "dump", "--pid", str(self.proc.pid)], capture_output=True, text=True,
+                              env={**os.environ, "PATH": path})
+        names = {}
+        for line in dump.stdout.splitlines():
+            if line.startswith("Thread "):  # Thread 1234 (idle): "name"
+                parts = line.split()
+                with contextlib.suppress(ValueError):
+                    names[int(parts[1], 0)] = line.split('"')[1] if '"' in line else parts[1]
+        return names
 
     def profile(self) -> subprocess.Popen[bytes] | None:
         """With BENCH_PYSPY=DIR: py-spy samples the daemon during each delivery (raw collapsed stacks
@@ -707,6 +738,8 @@ class Service:
             self.proc.kill()
             self.proc.wait(timeout=10)
         self.log.close()
+        if os.environ.get("BENCH_KEEP_LOG"):  # a copy of the daemon's log, for reading
+            shutil.copy(self.base / "agent.log", os.environ["BENCH_KEEP_LOG"])
         shutil.rmtree(self.base, ignore_errors=True)
         self.bench.clear_remote()
 

@@ -49,6 +49,9 @@ class Filer:
         # replace the first file). Released when the move is done (finish_move).
         self._names_lock = threading.Lock()
         self._reserved: dict[Path, str] = {}  # destination -> tag (journal id) of the file it is for
+        # those of them named `<base>.server.<...>` (the server's files; few): what `_free` scans for a
+        # reserved `<candidate>.server.*` instead of every reservation, once per candidate name
+        self._reserved_server: dict[Path, str] = {}
         self._split_lock = threading.Lock()  # moves out of spool/split-<id>/ and that folder's removal
 
     def _reserve(self, folder: Path, name: str, tag: str) -> Path:
@@ -72,6 +75,8 @@ class Filer:
             if self._free(folder, candidate, tag, listing):
                 dest = folder / candidate
                 self._reserved[dest] = tag
+                if SERVER_INFIX in candidate:
+                    self._reserved_server[dest] = tag
                 return dest
         raise FileExistsError(f"no free name for {name!r} in {folder}")
 
@@ -95,9 +100,16 @@ class Filer:
             return False
         prefix = f"{folder}/{candidate}{SERVER_INFIX}"  # a reserved <candidate>.server.* in folder
         if any(str(path).startswith(prefix) and "/" not in str(path)[len(prefix):]
-               for path in self._reserved):
+               for path in self._reserved_server):
             return False
         return listing is None or candidate not in listing  # no <candidate>.server.* on disk
+
+    def _release(self, *destinations: Path) -> None:
+        """The moves into these are done (or will not happen): their names are no longer reserved."""
+        with self._names_lock:
+            for dest in destinations:
+                self._reserved.pop(dest, None)
+                self._reserved_server.pop(dest, None)
 
     def _archive_folder(self) -> Path:
         today = datetime.now(UTC)
@@ -158,8 +170,7 @@ class Filer:
                     record.id, state=state, pending_path=None, pending_state=None,
                     next_attempt_at=None, message=reason,
                 )
-                with self._names_lock:
-                    self._reserved.pop(dest, None)
+                self._release(dest)
         except OSError as exc:
             return self._hold(record, state, dest, exc)
         logger.bind(**file_fields(record)).error("{} {}: {} (see {})", record.label, state.value, reason,
@@ -206,8 +217,7 @@ class Filer:
             if in_split:
                 with contextlib.suppress(OSError):  # the last part of a split file leaves: drop its folder
                     source.parent.rmdir()
-        with self._names_lock:
-            self._reserved.pop(Path(record.pending_path), None)  # taken now: _free sees it on disk
+        self._release(Path(record.pending_path))  # taken now: _free sees it on disk
         return self.journal.update(
             record.id, state=FileState(record.pending_state), local_path=record.pending_path,
             pending_path=None, pending_state=None, next_attempt_at=None, message=move_message(record),
@@ -231,9 +241,7 @@ class Filer:
                                "pending_state": None, "next_attempt_at": None})
             for record in moved
         ]))
-        with self._names_lock:
-            for record in moved:
-                self._reserved.pop(Path(str(record.pending_path)), None)
+        self._release(*(Path(str(record.pending_path)) for record in moved))
         failure = next((error for error in errors if error is not None), None)
         if failure is not None:  # those moved are recorded; the rest keep their intent and retry
             raise failure
