@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NamedTuple
 
 from loguru import logger
 
@@ -48,10 +49,11 @@ class Filer:
         # two files of the same name must never get the same free name (the second rename would
         # replace the first file). Released when the move is done (finish_move).
         self._names_lock = threading.Lock()
-        self._reserved: dict[Path, str] = {}  # destination -> tag (journal id) of the file it is for
-        # those of them named `<base>.server.<...>` (the server's files; few): what `_free` scans for a
-        # reserved `<candidate>.server.*` instead of every reservation, once per candidate name
-        self._reserved_server: dict[Path, str] = {}
+        # folder -> {name: tag (journal id) of the file it is for}: the destinations reserved there
+        self._reserved: dict[Path, dict[str, str]] = {}
+        # folder -> those of its reserved names that are `<base>.server.<...>` (the server's files; few):
+        # what `_free` scans for a reserved `<candidate>.server.*`, not every reservation per candidate
+        self._reserved_server: dict[Path, set[str]] = {}
         self._split_lock = threading.Lock()  # moves out of spool/split-<id>/ and that folder's removal
 
     def _reserve(self, folder: Path, name: str, tag: str) -> Path:
@@ -63,31 +65,33 @@ class Filer:
         `foo.csv` is there). Reserved until the move into it is done (`finish_move`).
         """
         with self._names_lock:
-            return self._reserve_locked(folder, name, tag, _server_bases(folder))
+            return self._reserve_locked(folder, name, tag, _listing(folder))
 
-    def _reserve_locked(self, folder: Path, name: str, tag: str, listing: frozenset[str] | None) -> Path:
-        """`_reserve` with _names_lock held and `listing` the folder's `_server_bases` (None: no
-        folder), taken under the same hold: the names reserved meanwhile are in `_reserved`."""
+    def _reserve_locked(self, folder: Path, name: str, tag: str, listing: _Listing | None) -> Path:
+        """`_reserve` with _names_lock held and `listing` the folder's `_listing` (None: no usable
+        folder), taken under the same hold: the names reserved meanwhile are in `_reserved`, and
+        every name the agent puts in these folders is reserved before it is written."""
         stem, dot, suffix = name.partition(".")
         for attempt in range(1, 10_000):
             candidate = (name if attempt == 1 else
                          f"{stem}-{tag}{'' if attempt == 2 else f'-{attempt - 1}'}{dot}{suffix}")
             if self._free(folder, candidate, tag, listing):
-                dest = folder / candidate
-                self._reserved[dest] = tag
+                self._reserved.setdefault(folder, {})[candidate] = tag
                 if SERVER_INFIX in candidate:
-                    self._reserved_server[dest] = tag
-                return dest
+                    self._reserved_server.setdefault(folder, set()).add(candidate)
+                return folder / candidate
         raise FileExistsError(f"no free name for {name!r} in {folder}")
 
-    def _free(self, folder: Path, candidate: str, tag: str, listing: frozenset[str] | None) -> bool:
+    def _free(self, folder: Path, candidate: str, tag: str, listing: _Listing | None) -> bool:
         """Called with _names_lock held."""
-        if self._reserved.get(folder / candidate) == tag:  # its own, again after a failed move
+        reserved = self._reserved.get(folder, {})
+        if reserved.get(candidate) == tag:  # its own, again after a failed move
             return True
 
         def taken(name: str) -> bool:
-            path = folder / name
-            return path in self._reserved or os.path.lexists(path)
+            if name in reserved:
+                return True
+            return name in listing.names if listing is not None else os.path.lexists(folder / name)
 
         if any(taken(candidate + side) for side in ("", *SIDE_SUFFIXES)):
             return False
@@ -98,18 +102,24 @@ class Filer:
             start = candidate.find(SERVER_INFIX, start + 1)
         if any(base and taken(base) for base in bases):
             return False
-        prefix = f"{folder}/{candidate}{SERVER_INFIX}"  # a reserved <candidate>.server.* in folder
-        if any(str(path).startswith(prefix) and "/" not in str(path)[len(prefix):]
-               for path in self._reserved_server):
+        prefix = f"{candidate}{SERVER_INFIX}"  # a reserved <candidate>.server.* in folder
+        if any(name.startswith(prefix) for name in self._reserved_server.get(folder, ())):
             return False
-        return listing is None or candidate not in listing  # no <candidate>.server.* on disk
+        return listing is None or candidate not in listing.server_bases  # no <candidate>.server.* on disk
 
     def _release(self, *destinations: Path) -> None:
         """The moves into these are done (or will not happen): their names are no longer reserved."""
         with self._names_lock:
             for dest in destinations:
-                self._reserved.pop(dest, None)
-                self._reserved_server.pop(dest, None)
+                folder, name = dest.parent, dest.name
+                reserved = self._reserved.get(folder)
+                if reserved is not None and reserved.pop(name, None) is not None and not reserved:
+                    del self._reserved[folder]
+                server = self._reserved_server.get(folder)
+                if server is not None:
+                    server.discard(name)
+                    if not server:
+                        del self._reserved_server[folder]
 
     def _archive_folder(self) -> Path:
         today = datetime.now(UTC)
@@ -123,7 +133,7 @@ class Filer:
         per file made a day of many files quadratic: bench/RESULTS.md round 4)."""
         folder = self._archive_folder()
         with self._names_lock:
-            listing = _server_bases(folder)
+            listing = _listing(folder)
             return [self._reserve_locked(folder, record.name, str(record.id), listing) for record in records]
 
     def failed_destination(self, record: FileRecord) -> Path:
@@ -270,10 +280,18 @@ class Filer:
         )
 
 
-def _server_bases(folder: Path) -> frozenset[str] | None:
-    """Every name in folder that some `<name>.server.<...>` entry of folder starts with (each prefix
-    before a SERVER_INFIX), so one set lookup per candidate name replaces a scan of the folder. None
-    when there is no folder (yet) or it is not usable: the move into it says so (and waits)."""
+class _Listing(NamedTuple):
+    """A folder's entries, listed once for a batch of reservations."""
+
+    names: frozenset[str]
+    server_bases: frozenset[str]  # every name some `<name>.server.<...>` entry starts with
+
+
+def _listing(folder: Path) -> _Listing | None:
+    """The folder's names, and every name that some `<name>.server.<...>` entry of it starts with (each
+    prefix before a SERVER_INFIX), so one set lookup per candidate name replaces a look at the disk
+    or a scan of the folder. None when there is no folder (yet) or it cannot be listed: names are
+    then looked up one by one (the move into it says what is wrong, and waits)."""
     try:
         names = os.listdir(folder)
     except OSError:
@@ -284,4 +302,4 @@ def _server_bases(folder: Path) -> frozenset[str] | None:
         while start > 0:
             bases.add(name[:start])
             start = name.find(SERVER_INFIX, start + 1)
-    return frozenset(bases)
+    return _Listing(frozenset(names), frozenset(bases))
