@@ -236,30 +236,29 @@ class Filer:
     def finish_moves(self, records: list[FileRecord]) -> list[FileRecord]:
         """`finish_move` for a batch (the upload pipeline's archive step): every rename, then one
         fsync per folder involved, then one commit. Each file's ordering is `finish_move`'s: its
-        move is durable before the journal says it is done."""
-        single = [record for record in records if not self._plain_spool_file(record)]
-        batch = [record for record in records if self._plain_spool_file(record)]
+        move is durable before the journal says it is done. A file straight in spool/ is moved
+        with the batch; a part in spool/split-<id>/ (whose folder needs care) on its own."""
+        spool = str(self.config.spool_dir)
+        single = [record for record in records if os.path.dirname(record.local_path) != spool]
+        batch = [record for record in records if os.path.dirname(record.local_path) == spool]
         done = {record.id: self.finish_move(record) for record in single}
-        for folder in {Path(str(record.pending_path)).parent for record in batch}:
+        moves = [(Path(record.local_path), Path(str(record.pending_path))) for record in batch]
+        for folder in {dest.parent for _source, dest in moves}:
             ensure_dir(folder)
-        errors = durable_moves([(Path(record.local_path), Path(str(record.pending_path)))
-                                for record in batch])
-        moved = [record for record, error in zip(batch, errors, strict=True) if error is None]
+        errors = durable_moves(moves)
+        moved = [(record, dest) for record, (_source, dest), error in zip(batch, moves, errors, strict=True)
+                 if error is None]
         done.update((record.id, record) for record in self.journal.update_many([
             (record.id, move_message(record), {"state": FileState(str(record.pending_state)),
                                "local_path": record.pending_path, "pending_path": None,
                                "pending_state": None, "next_attempt_at": None})
-            for record in moved
+            for record, _dest in moved
         ]))
-        self._release(*(Path(str(record.pending_path)) for record in moved))
+        self._release(*(dest for _record, dest in moved))
         failure = next((error for error in errors if error is not None), None)
         if failure is not None:  # those moved are recorded; the rest keep their intent and retry
             raise failure
         return [done[record.id] for record in records]
-
-    def _plain_spool_file(self, record: FileRecord) -> bool:
-        """A file straight in spool/ (not a part in spool/split-<id>/, whose folder needs care)."""
-        return Path(record.local_path).parent == self.config.spool_dir
 
     def resume_move(self, record: FileRecord) -> FileRecord:
         """Finish a move a crash interrupted: redo the rename, or record the one already done."""
