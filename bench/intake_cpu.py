@@ -55,7 +55,8 @@ def one_run(base: Path, files: int, profile: cProfile.Profile | None) -> tuple[f
     intake = Intake(config, journal, filer, scanner, lambda: None)
     candidates = list(scanner.scan())
     start = time.thread_time()
-    if profile is not None:
+    phase = os.environ.get("PROFILE_PHASE", "intake")  # --profile: which phase
+    if profile is not None and phase == "intake":
         profile.enable()
     for first in range(0, len(candidates), CLAIM_BATCH):
         intake.claim_many(candidates[first:first + CLAIM_BATCH])
@@ -65,7 +66,7 @@ def one_run(base: Path, files: int, profile: cProfile.Profile | None) -> tuple[f
     uploader = Uploader(config, journal, filer, SftpSession(config.sftp))  # never connects here
     queued = journal.query("WHERE state = ?", (FileState.QUEUED.value,))
     start = time.thread_time()
-    if profile is not None:
+    if profile is not None and phase == "finish":
         profile.enable()
     for first in range(0, len(queued), CLAIM_BATCH):
         batch = queued[first:first + CLAIM_BATCH]

@@ -672,6 +672,7 @@ class Service:
         if threads_before is not None:
             after = self.thread_cpu()
             names = self.thread_names()
+            names[-1] = "(system time of all)"
             spent = sorted(((after[tid] - threads_before.get(tid, 0.0), names.get(tid, str(tid)))
                             for tid in after), reverse=True)
             print("    threads: " + ", ".join(f"{name} {cpu:.2f}" for cpu, name in spent if cpu >= 0.005),
@@ -684,13 +685,16 @@ class Service:
         return measure
 
     def thread_cpu(self) -> dict[int, float]:
-        """CPU seconds (user + system) of each of the daemon's threads (BENCH_THREADS=1)."""
+        """CPU seconds (user + system) of each of the daemon's threads (BENCH_THREADS=1); under -1 the
+        whole process's system seconds (so the line shows them)."""
         ticks = os.sysconf("SC_CLK_TCK")
         out = {}
         for tid in os.listdir(f"/proc/{self.proc.pid}/task"):
             with contextlib.suppress(OSError):
                 fields = Path(f"/proc/{self.proc.pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
                 out[int(tid)] = (int(fields[11]) + int(fields[12])) / ticks
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        out[-1] = int(fields[12]) / ticks
         return out
 
     def thread_names(self) -> dict[int, str]:
@@ -709,6 +713,12 @@ class Service:
     def profile(self) -> subprocess.Popen[bytes] | None:
         """With BENCH_PYSPY=DIR: py-spy samples the daemon during each delivery (raw collapsed stacks
         in DIR; for finding where the time goes, not for the timed rounds: sampling slows it)."""
+        if os.environ.get("BENCH_STRACE"):  # syscall counts of the daemon during each delivery
+            tracer = subprocess.Popen(["strace", "-c", "-f", "-o", f"{os.environ['BENCH_STRACE']}-{time.time_ns()}",
+                                       "-p", str(self.proc.pid)], stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL)
+            time.sleep(1.0)  # attached
+            return tracer
         folder = os.environ.get("BENCH_PYSPY")
         if not folder:
             return None
