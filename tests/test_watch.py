@@ -47,3 +47,87 @@ def test_scanner_locates_drop_and_type_folders_only(tmp_path: Path) -> None:
     os.mkdir(drop / "other")
     found = sorted((p.name, sub) for p, sub in scanner.scan())
     assert found == [("c.csv", "users"), ("other", None), ("users_b.csv", None)]
+
+
+class _Event:
+    """An inotify event as watchdog's buffer sees it (the fields its pairing reads)."""
+
+    def __init__(self, kind: str, cookie: int, name: str) -> None:
+        self.is_moved_to = kind == "to"
+        self.is_moved_from = kind == "from"
+        self.cookie = cookie
+        self.name = name
+
+
+class _Buffer:
+    """watchdog's InotifyBuffer as `_group_events_by_cookie` uses it: the delayed queue."""
+
+    def __init__(self) -> None:
+        from watchdog.utils.delayed_queue import DelayedQueue
+
+        self._queue: DelayedQueue[object] = DelayedQueue(0.02)
+
+
+def test_moves_are_paired_by_cookie_as_watchdog_pairs_them() -> None:
+    """The one-pass pairing gives watchdog's grouping: halves of a rename in one read are paired, an
+    IN_MOVED_TO whose IN_MOVED_FROM an earlier read left in the queue is paired from the queue, and
+    moves in from outside or out of the folder stay unpaired."""
+    from watchdog.observers.inotify_buffer import InotifyBuffer
+
+    from agent.intake.watch import _group_events_by_cookie
+
+    buffer = _Buffer()
+    first = [_Event("to", 1, "in_from_outside"), _Event("from", 2, "renamed_a"), _Event("other", 0, "modify"),
+             _Event("to", 2, "renamed_b"), _Event("from", 3, "moved_out"), _Event("from", 4, "renamed_later")]
+    grouped = _group_events_by_cookie(buffer, first)
+    assert [(g[0].name, g[1].name) if isinstance(g, tuple) else g.name for g in grouped] == [
+        "in_from_outside", ("renamed_a", "renamed_b"), "modify", "moved_out", "renamed_later"]
+    for event in grouped:  # as InotifyBuffer.run queues them (unpaired IN_MOVED_FROM with the delay)
+        buffer._queue.put(event, delay=not isinstance(event, tuple) and event.is_moved_from)
+    second = _group_events_by_cookie(buffer, [_Event("to", 4, "renamed_later_b"), _Event("to", 9, "in")])
+    assert [(g[0].name, g[1].name) if isinstance(g, tuple) else g.name for g in second] == [
+        ("renamed_later", "renamed_later_b"), "in"]
+    assert len(buffer._queue._queue) == 4  # the paired IN_MOVED_FROM was taken out of the queue
+    # watchdog's own method gives the same on the same input
+    reference = _Buffer()
+    expected = InotifyBuffer._group_events(reference, first)  # type: ignore[arg-type]
+    assert [(g[0].name, g[1].name) if isinstance(g, tuple) else g.name for g in expected] == [
+        (g[0].name, g[1].name) if isinstance(g, tuple) else g.name for g in grouped]
+
+
+def test_the_observer_reports_moves_in_out_and_within_drop(tmp_path: Path) -> None:
+    """With the agent's pairing in place, a real observer still says what intake needs: a file moved
+    in (from outside, or renamed within drop/) is reported at its new name as moved."""
+    import threading
+    import time
+
+    from agent.intake.watch import DropWatcher
+
+    drop, outside = tmp_path / "drop", tmp_path / "outside"
+    drop.mkdir()
+    outside.mkdir()
+    scanner = DropScanner(drop, [])
+    seen: list[tuple[Path, str | None]] = []
+    arrived = threading.Event()
+
+    def notice(candidate: tuple[Path, str | None], event: str | None) -> None:
+        seen.append((candidate[0], event))
+        if candidate[0].name == "users_done.csv":
+            arrived.set()
+
+    watcher = DropWatcher(scanner, notice)
+    watcher.start()
+    try:
+        time.sleep(0.2)
+        for index in range(300):  # a burst: many IN_MOVED_TO in one read
+            (outside / f"users_{index}.csv").write_text("x")
+            os.rename(outside / f"users_{index}.csv", drop / f"users_{index}.csv")
+        os.rename(drop / "users_0.csv", outside / "users_0.csv")  # moved out: not a candidate
+        os.rename(drop / "users_1.csv", drop / "users_done.csv")  # renamed within drop/
+        assert arrived.wait(10)
+        time.sleep(0.2)
+    finally:
+        watcher.stop()
+    moved = {path.name for path, event in seen if event == "moved"}
+    assert {f"users_{index}.csv" for index in range(300)} <= moved
+    assert "users_done.csv" in moved
