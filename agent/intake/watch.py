@@ -15,7 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from loguru import logger
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    DirCreatedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
@@ -35,7 +44,7 @@ def _shorten_inotify_move_pairing() -> None:
     Its pairing was also quadratic: each IN_MOVED_TO was compared with every event read before it in
     the same read and then with every event waiting in its queue, so a burst of files moved in
     (hundreds per read) cost its reader thread ~0.1 ms CPU per file. `_group_events_by_cookie` pairs
-    the same events by cookie in one pass."""
+    the same events by cookie in one pass (and drops watchdog's record of each file moved out)."""
     try:
         from watchdog.observers.inotify_buffer import InotifyBuffer
     except ImportError:  # not Linux: another observer, no such buffer
@@ -56,7 +65,12 @@ def _group_events_by_cookie(buffer: Any, event_list: list[Any]) -> list[Any]:
     queued: dict[int, float] = buffer.__dict__.setdefault("_agent_queued_moves", {})
     grouped: list[Any] = []
     unpaired: dict[int, int] = {}  # cookie -> index in grouped of an IN_MOVED_FROM not yet paired
+    records = getattr(getattr(buffer, "_inotify", None), "_moved_from_events", None)
     for event in event_list:
+        if records is not None and event.is_moved_from and not event.is_directory:
+            # watchdog's Inotify keeps every IN_MOVED_FROM to follow moved folders' watches and never
+            # drops one: a file's (each claim moves one out of drop/) is of no use to it
+            records.pop(event.cookie, None)
         if event.is_moved_to:
             index = unpaired.pop(event.cookie, None)
             if index is not None:
@@ -220,7 +234,11 @@ class DropWatcher:
         _shorten_inotify_move_pairing()
         self.observer = _observer()
         self.observer.daemon = True
-        self.observer.schedule(_Handler(scanner, notice), str(scanner.drop), recursive=True)
+        # only the events the handler acts on: inotify then reports no opens, plain closes or deletes,
+        # and no "folder modified" event doubles each file event on its way to the handler
+        self.observer.schedule(_Handler(scanner, notice), str(scanner.drop), recursive=True,
+                               event_filter=[FileCreatedEvent, FileModifiedEvent, FileClosedEvent,
+                                             FileMovedEvent, DirCreatedEvent, DirMovedEvent])
 
     def start(self) -> None:
         self.observer.start()
