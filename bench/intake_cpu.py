@@ -85,6 +85,8 @@ def main() -> int:
     parser.add_argument("--files", type=int, default=1000)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--phase", choices=("intake", "finish", "both"), default="both",
+                        help="run only this phase's loop under --runs (for an outside sampler: py-spy)")
     args = parser.parse_args()
     log = open(os.devnull, "w")  # noqa: SIM115 - the log lines are formatted and written, not kept
     sys.stderr = log

@@ -714,9 +714,9 @@ class Service:
         """With BENCH_PYSPY=DIR: py-spy samples the daemon during each delivery (raw collapsed stacks
         in DIR; for finding where the time goes, not for the timed rounds: sampling slows it)."""
         if os.environ.get("BENCH_STRACE"):  # syscall counts of the daemon during each delivery
-            tracer = subprocess.Popen(["strace", "-c", "-f", "-o", f"{os.environ['BENCH_STRACE']}-{time.time_ns()}",
-                                       "-p", str(self.proc.pid)], stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL)
+            out = f"{os.environ['BENCH_STRACE']}-{time.time_ns()}"
+            tracer = subprocess.Popen(["strace", "-c", "-f", "-o", out, "-p", str(self.proc.pid)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)  # attached
             return tracer
         folder = os.environ.get("BENCH_PYSPY")
