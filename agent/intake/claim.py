@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import os
 import shutil
 import time
@@ -143,27 +144,31 @@ class Intake:
         """Check one claimed file: refused, split or duplicate are filed at once; a file to send is
         added to `ready` for `_queue`."""
         spool_path = Path(record.local_path)
+        # One open for the whole check: the facts before, the check itself (admit reads this very
+        # file), the facts after (the same file: one that changed meanwhile is checked again).
         try:
-            before = _stat_regular(spool_path)
+            handle, before = _open_checked(spool_path)
         except (_NotRegular, OSError) as exc:
             return self._unreadable(record, exc)
-        if before.st_nlink > 1:
+        with handle:
+            if before.st_nlink > 1:
+                verdict = None
+            else:
+                subfolder = subfolder_of(Path(record.source_path), self.config.paths.drop)
+                # admit hashes while it validates (one read of the file, not two: bench/RESULTS.md round 2)
+                verdict = admit(spool_path, record.name, subfolder, None, self.config.imports,
+                                part=self._part_of(record), opened=handle)
+                after = os.fstat(handle.fileno())
+        if verdict is None:
             return self.filer.quarantine(record, hard_link_reason(record.name, before.st_nlink))
         size = before.st_size
-        subfolder = subfolder_of(Path(record.source_path), self.config.paths.drop)
-        # admit hashes while it validates (one read of the file, not two: bench/RESULTS.md round 2)
-        verdict = admit(spool_path, record.name, subfolder, None, self.config.imports,
-                        part=self._part_of(record))
         digest = verdict.sha256
         if digest is None:  # refused before its content was read, or not read to the end
             try:
                 size, digest = _hash_regular_file(spool_path)
+                after = _stat_regular(spool_path)
             except (_NotRegular, OSError) as exc:
                 return self._unreadable(record, exc)
-        try:
-            after = _stat_regular(spool_path)
-        except (_NotRegular, OSError) as exc:
-            return self._unreadable(record, exc)
         if (after.st_size, after.st_mtime_ns, size) != (before.st_size, before.st_mtime_ns, after.st_size):
             logger.warning("{} changed while it was being checked; checking it again once it is stable",
                            record.label)
@@ -304,6 +309,26 @@ def _stat_regular(path: Path) -> os.stat_result:
 def _hash_regular_file(path: Path) -> tuple[int, str]:
     size, digest, _info = _open_regular(path, read=True)
     return size, digest
+
+
+def _open_checked(path: Path) -> tuple[io.FileIO, os.stat_result]:
+    """The file opened for reading and its fstat, refusing anything but a regular file (no link is
+    followed, no FIFO blocks)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == 40:  # ELOOP: a symlink was swapped in
+            raise _NotRegular("is a symbolic link") from None
+        raise
+    try:
+        info = os.fstat(fd)
+        problem = entry_problem(info.st_mode)
+        if problem:
+            raise _NotRegular(problem)
+        return io.FileIO(fd, "rb", closefd=True), info
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _open_regular(path: Path, read: bool) -> tuple[int, str, os.stat_result]:
