@@ -137,3 +137,28 @@ def test_the_observer_reports_moves_in_out_and_within_drop(tmp_path: Path) -> No
     assert {f"users_{index}.csv" for index in range(300)} <= moved
     assert "users_done.csv" in moved
     assert not {path.name for path, event in seen if event != "moved"} & {"users_done.csv"}
+
+
+def test_with_no_settle_time_a_file_not_being_written_is_taken_without_a_look(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """settle_seconds = 0: a file renamed in (or found by a scan) is finished at once, without a look
+    at its facts (claiming looks at it anyway); one seen being written is still looked at."""
+    from agent.intake import settle
+    from agent.intake.settle import SettleQueue
+
+    moved, written = tmp_path / "users_moved.csv", tmp_path / "users_written.csv"
+    moved.write_text("x")
+    written.write_text("x")
+    queue = SettleQueue(0.0, lambda _candidates: None)
+    queue.notice((moved, None), "moved")
+    queue.notice((written, None), "created")  # its writer has it open
+    looked: list[str] = []
+    real_lstat = os.lstat
+
+    def lstat(path: str | os.PathLike[str]) -> os.stat_result:
+        looked.append(os.fspath(path))
+        return real_lstat(path)
+
+    monkeypatch.setattr(settle.os, "lstat", lstat)  # type: ignore[attr-defined]
+    assert moved in [watched.candidate[0] for watched in queue.settled_now()]
+    assert looked == [str(written)]  # only the file being written is looked at
