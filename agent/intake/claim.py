@@ -74,8 +74,9 @@ class Intake:
         records = self.journal.add_claims(paths, spool)
         ensure_dir(spool)
         moved: list[FileRecord] = []
-        errors = durable_moves([(Path(record.source_path), Path(record.local_path)) for record in records])
-        for record, error in zip(records, errors, strict=True):
+        moves = [(Path(record.source_path), Path(record.local_path)) for record in records]
+        errors = durable_moves(moves)
+        for record, (source, _spooled), error in zip(records, moves, errors, strict=True):
             if isinstance(error, FileNotFoundError):
                 self.journal.delete(record.id)  # taken away by its writer before we could claim it
             elif error is not None:
@@ -83,22 +84,25 @@ class Intake:
                 logger.error("cannot claim {}: {}; it stays in drop/ and will be tried again",
                              record.source_path, error.strerror or error)
             else:
-                self.scanner.forget(Path(record.source_path))
+                self.scanner.forget(source)
                 moved.append(record)
         if not moved:
             return
         ready: list[_Ready] = []  # checked files, queued with one commit
+        ready_bytes = 0  # their bytes
         since = time.monotonic()
         try:
             for record in moved:
+                waiting = len(ready)
                 with logger.contextualize(file_id=record.id, file=record.name):
                     logger.debug("{} claimed", record.label)  # the "queued" or "failed" line follows
                     self._check(record, ready)
+                if len(ready) > waiting:
+                    ready_bytes += ready[-1].record.size or 0
                 # a big file or a slow check does not hold back the files checked before it
-                if (sum(item.record.size or 0 for item in ready) >= QUEUE_FLUSH_BYTES
-                        or time.monotonic() - since >= QUEUE_FLUSH_SECONDS):
+                if ready_bytes >= QUEUE_FLUSH_BYTES or time.monotonic() - since >= QUEUE_FLUSH_SECONDS:
                     self._queue(ready)
-                    since = time.monotonic()
+                    ready_bytes, since = 0, time.monotonic()
         finally:  # a file whose check failed does not hold back those checked before it
             self._queue(ready)
 
@@ -196,9 +200,11 @@ class Intake:
 
     def _part_of(self, record: FileRecord) -> PartOf | None:
         """For a part cut by `_split`: its original's name, hash and folder, and k of n."""
+        numbers = part_numbers(record.name)  # first: most names are not a part's
+        if numbers is None:
+            return None
         parent_id = spool_part_of(Path(record.source_path), self.config.spool_dir)
-        numbers = part_numbers(record.name)
-        if parent_id is None or numbers is None:
+        if parent_id is None:
             return None
         try:
             parent = self.journal.get(parent_id)

@@ -89,6 +89,7 @@ class FileState(StrEnum):
     STARTING = "starting"
 
 
+_STATES = {state.value: state for state in FileState}
 FINAL_STATES = frozenset({FileState.ARCHIVED, FileState.FAILED, FileState.SPLIT, FileState.STALE})
 SENDING_STATES = (FileState.QUEUED, FileState.UPLOADING, FileState.PUBLISHING)  # the upload is not done
 ACTIVE_STATES = (*SENDING_STATES, FileState.UPLOADED)  # work left to do
@@ -187,7 +188,8 @@ class FileRecord:
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> FileRecord:
         values = list(row)  # in _COLUMNS order, which is the order of the fields above
-        values[_STATE_INDEX] = FileState(values[_STATE_INDEX])
+        state = values[_STATE_INDEX]
+        values[_STATE_INDEX] = _STATES.get(state) or FileState(state)  # a dict lookup, not Enum's call
         return cls(*values)
 
     @property
