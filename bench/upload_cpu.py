@@ -21,20 +21,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 if os.environ.get("AGENT_ROOT"):  # the `agent` package of another tree (e.g. `git archive` of a commit)
     sys.path.insert(0, os.environ["AGENT_ROOT"])
 
-from agent.config import load_config  # noqa: E402
-from agent.intake.claim import Intake  # noqa: E402
-from agent.intake.settle import CLAIM_BATCH  # noqa: E402
-from agent.intake.watch import DropScanner  # noqa: E402
-from agent.logs import setup_logging  # noqa: E402
-from agent.pipeline.upload import Uploader  # noqa: E402
-from agent.store.archive import Filer  # noqa: E402
-from agent.store.journal import FileState, Journal  # noqa: E402
-from agent.transport.sftp import SftpSession  # noqa: E402
-from bench.run import small_csv  # noqa: E402
-from tests.helpers.sshd import SshdServer  # noqa: E402
+from agent.config import load_config
+from agent.intake.claim import Intake
+from agent.intake.settle import CLAIM_BATCH
+from agent.intake.watch import DropScanner
+from agent.logs import setup_logging
+from agent.pipeline.upload import Uploader
+from agent.store.archive import Filer
+from agent.store.journal import FileState, Journal
+from agent.transport.sftp import SftpSession
+from bench.run import small_csv
+from tests.helpers.sshd import SshdServer
 
 
-def one_run(server: SshdServer, base: Path, files: int, profile: cProfile.Profile | None) -> tuple[float, float]:
+def one_run(server: SshdServer, base: Path, files: int,
+            profile: cProfile.Profile | None) -> tuple[float, float]:
     shutil.rmtree(base, ignore_errors=True)
     for entry in os.scandir(server.local_remote_dir):
         os.unlink(entry.path)
