@@ -29,8 +29,11 @@ def readable_stem(original_name: str, prefix: str) -> str:
     """The original name without extension, reduced to `[A-Za-z0-9_-]`, type prefix not repeated."""
     fmt = file_format(original_name)
     stem = original_name if isinstance(fmt, Refusal) else original_name[: -len(fmt.value) - 1]
-    decomposed = unicodedata.normalize("NFKD", stem)
-    ascii_only = "".join(ch for ch in decomposed if not unicodedata.combining(ch))
+    if stem.isascii():  # NFKD leaves ASCII as it is, and it has no combining marks
+        ascii_only = stem
+    else:
+        decomposed = unicodedata.normalize("NFKD", stem)
+        ascii_only = "".join(ch for ch in decomposed if not unicodedata.combining(ch))
     cleaned = _RUNS.sub("-", _UNSAFE.sub("-", ascii_only)).strip("-_")
     folded_prefix = _RUNS.sub("-", _UNSAFE.sub("-", prefix)).strip("-_").lower()
     if folded_prefix and cleaned.lower().startswith(folded_prefix):

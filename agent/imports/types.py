@@ -91,6 +91,9 @@ class FileFormat(StrEnum):
     JSONL = "jsonl"
 
 
+_FORMAT_SUFFIXES = tuple((f".{fmt.value}", fmt) for fmt in FileFormat)  # file_format, per file: no Enum walk
+
+
 class RefusalCode(StrEnum):
     BAD_NAME = "bad_name"
     BAD_EXTENSION = "bad_extension"
@@ -148,8 +151,8 @@ def accepted_summary(cfg: ImportRules) -> str:
 def file_format(file_name: str) -> FileFormat | Refusal:
     """The format from the extension (`.csv` or `.jsonl`, case-insensitive), or a refusal."""
     lower = file_name.lower()
-    for fmt in FileFormat:
-        if lower.endswith("." + fmt.value) and len(lower) > len(fmt.value) + 1:
+    for suffix, fmt in _FORMAT_SUFFIXES:
+        if lower.endswith(suffix) and len(lower) > len(suffix):
             return fmt
     dot = file_name.rfind(".")
     if dot > 0:
