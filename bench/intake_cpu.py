@@ -90,7 +90,9 @@ def main() -> int:
     args = parser.parse_args()
     log = open(os.devnull, "w")  # noqa: SIM115 - the log lines are formatted and written, not kept
     sys.stderr = log
-    setup_logging()
+    from agent.config import LogConfig
+
+    setup_logging(LogConfig(level=os.environ.get("BENCH_LOG_LEVEL", "INFO")))  # WARNING: what INFO lines cost
     sys.stderr = sys.__stderr__
     with tempfile.TemporaryDirectory(prefix="intake-cpu-") as tmp:
         if args.profile:

@@ -584,6 +584,7 @@ def run_slow(bench: Bench, sizes: Sizes, delay_ms: float = 20.0) -> list[Result]
 # ----------------------------------------------------------------------------- the service as it runs
 
 SERVICE_EXTRA = "\n[imports]\nduplicate_window_days = 0\n"  # the same inputs go again every round
+SERVICE_EXTRA += os.environ.get("BENCH_EXTRA_CONFIG", "").replace("\\n", "\n")  # e.g. "[log]\nlevel = ..."
 LINKS = {  # name: (one-way delay ms, Mbit/s)
     "lan": (20.0, 100.0),
     "far": (80.0, 20.0),

@@ -86,7 +86,9 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - the log lines are formatted and written, not kept
-    setup_logging()
+    from agent.config import LogConfig
+
+    setup_logging(LogConfig(level=os.environ.get("BENCH_LOG_LEVEL", "INFO")))  # WARNING: what INFO lines cost
     sys.stderr = sys.__stderr__
     with SshdServer(log_level="ERROR") as server, tempfile.TemporaryDirectory(prefix="upload-cpu-") as tmp:
         if args.profile:
