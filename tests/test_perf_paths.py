@@ -151,6 +151,28 @@ def test_journal_rows_map_onto_file_records_by_position() -> None:
     assert [field.name for field in dataclasses.fields(FileRecord)] == list(_COLUMNS)
 
 
+def test_a_record_read_from_a_row_is_the_record_its_constructor_makes(tmp_path: Path) -> None:
+    """from_row fills the record without the generated __init__: the same record (equal, hashable,
+    frozen, replace works), the state a FileState."""
+    import dataclasses
+
+    from agent.store.journal import _COLUMNS, FileRecord
+
+    journal = journal_with(tmp_path, [(FileState.QUEUED, 12.5, 2)])
+    try:
+        row = journal._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM files").fetchone()
+        record = FileRecord.from_row(row)
+        values = list(row)
+        values[_COLUMNS.index("state")] = FileState(values[_COLUMNS.index("state")])
+        assert record == FileRecord(*values) and hash(record) == hash(FileRecord(*values))
+        assert record.state is FileState.QUEUED and record.next_attempt_at == 12.5 and record.attempts == 2
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            record.attempts = 3  # type: ignore[misc]
+        assert dataclasses.replace(record, attempts=3).attempts == 3
+    finally:
+        journal.close()
+
+
 def test_remote_name_lookup_uses_the_index(tmp_path: Path) -> None:
     """Queueing a file looks its remote name up in the partial unique index, not by reading every row
     (that was one full scan per file queued, growing with the journal)."""

@@ -190,7 +190,11 @@ class FileRecord:
         values = list(row)  # in _COLUMNS order, which is the order of the fields above
         state = values[_STATE_INDEX]
         values[_STATE_INDEX] = _STATES.get(state) or FileState(state)  # a dict lookup, not Enum's call
-        return cls(*values)
+        # what the generated __init__ does, without its 22 object.__setattr__ calls (a row per file and
+        # step: the frozen __init__ was the larger part of reading a batch back)
+        record = object.__new__(cls)
+        record.__dict__.update(zip(_COLUMNS, values, strict=True))
+        return record
 
     @property
     def label(self) -> str:
