@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -52,10 +53,10 @@ def test_scanner_locates_drop_and_type_folders_only(tmp_path: Path) -> None:
 class _Event:
     """An inotify event as watchdog's buffer sees it (the fields its pairing reads)."""
 
-    def __init__(self, kind: str, cookie: int, name: str) -> None:
+    def __init__(self, kind: str, cookie: int, name: str, directory: bool = False) -> None:
         self.is_moved_to = kind == "to"
         self.is_moved_from = kind == "from"
-        self.is_directory = False
+        self.is_directory = directory
         self.cookie = cookie
         self.name = name
 
@@ -69,31 +70,34 @@ class _Buffer:
         self._queue: DelayedQueue[object] = DelayedQueue(0.02)
 
 
+def _names(grouped: Sequence[object]) -> list[object]:
+    return [(g[0].name, g[1].name) if isinstance(g, tuple) else g.name for g in grouped]  # type: ignore[attr-defined]
+
+
 def test_moves_are_paired_by_cookie_as_watchdog_pairs_them() -> None:
-    """The one-pass pairing gives watchdog's grouping: halves of a rename in one read are paired, an
-    IN_MOVED_TO whose IN_MOVED_FROM an earlier read left in the queue is paired from the queue, and
-    moves in from outside or out of the folder stay unpaired."""
+    """The one-pass pairing gives watchdog's grouping, less the IN_MOVED_FROM of files it cannot
+    pair: halves of a rename in one read are paired, a folder's IN_MOVED_TO whose IN_MOVED_FROM an
+    earlier read left in the queue is paired from the queue, a move in from outside stays unpaired,
+    and a file moved out (or whose other half comes later) is not passed on."""
     from watchdog.observers.inotify_buffer import InotifyBuffer
 
     from agent.intake.watch import _group_events_by_cookie
 
     buffer = _Buffer()
     first = [_Event("to", 1, "in_from_outside"), _Event("from", 2, "renamed_a"), _Event("other", 0, "modify"),
-             _Event("to", 2, "renamed_b"), _Event("from", 3, "moved_out"), _Event("from", 4, "renamed_later")]
+             _Event("to", 2, "renamed_b"), _Event("from", 3, "moved_out"),
+             _Event("from", 4, "folder_renamed", directory=True)]
     grouped = _group_events_by_cookie(buffer, first)
-    assert [(g[0].name, g[1].name) if isinstance(g, tuple) else g.name for g in grouped] == [
-        "in_from_outside", ("renamed_a", "renamed_b"), "modify", "moved_out", "renamed_later"]
+    assert _names(grouped) == ["in_from_outside", ("renamed_a", "renamed_b"), "modify", "folder_renamed"]
+    # watchdog's own method gives the same, with the file moved out
+    expected = InotifyBuffer._group_events(_Buffer(), first)  # type: ignore[arg-type]
+    assert [name for name in _names(expected) if name != "moved_out"] == _names(grouped)
     for event in grouped:  # as InotifyBuffer.run queues them (unpaired IN_MOVED_FROM with the delay)
         buffer._queue.put(event, delay=not isinstance(event, tuple) and event.is_moved_from)
-    second = _group_events_by_cookie(buffer, [_Event("to", 4, "renamed_later_b"), _Event("to", 9, "in")])
-    assert [(g[0].name, g[1].name) if isinstance(g, tuple) else g.name for g in second] == [
-        ("renamed_later", "renamed_later_b"), "in"]
-    assert len(buffer._queue._queue) == 4  # the paired IN_MOVED_FROM was taken out of the queue
-    # watchdog's own method gives the same on the same input
-    reference = _Buffer()
-    expected = InotifyBuffer._group_events(reference, first)  # type: ignore[arg-type]
-    assert [(g[0].name, g[1].name) if isinstance(g, tuple) else g.name for g in expected] == [
-        (g[0].name, g[1].name) if isinstance(g, tuple) else g.name for g in grouped]
+    second = _group_events_by_cookie(buffer, [_Event("to", 4, "folder_renamed_b", directory=True),
+                                              _Event("to", 9, "in")])
+    assert _names(second) == [("folder_renamed", "folder_renamed_b"), "in"]
+    assert len(buffer._queue._queue) == 3  # the paired IN_MOVED_FROM was taken out of the queue
 
 
 def test_the_observer_reports_moves_in_out_and_within_drop(tmp_path: Path) -> None:

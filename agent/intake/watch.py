@@ -44,7 +44,8 @@ def _shorten_inotify_move_pairing() -> None:
     Its pairing was also quadratic: each IN_MOVED_TO was compared with every event read before it in
     the same read and then with every event waiting in its queue, so a burst of files moved in
     (hundreds per read) cost its reader thread ~0.1 ms CPU per file. `_group_events_by_cookie` pairs
-    the same events by cookie in one pass (and drops watchdog's record of each file moved out)."""
+    the same events by cookie in one pass, and drops what the handler never uses: a file's
+    IN_MOVED_FROM that is not paired (each claim makes one) and watchdog's record of it."""
     try:
         from watchdog.observers.inotify_buffer import InotifyBuffer
     except ImportError:  # not Linux: another observer, no such buffer
@@ -58,10 +59,15 @@ QUEUED_MOVE_SECONDS = 2.0  # an unpaired IN_MOVED_FROM is looked for in the queu
 
 def _group_events_by_cookie(buffer: Any, event_list: list[Any]) -> list[Any]:
     """watchdog's `InotifyBuffer._group_events` in one pass: each IN_MOVED_TO is paired with the
-    IN_MOVED_FROM of its cookie read before it in this read (a dict lookup), else with one an earlier
-    read left waiting in the queue: that queue is searched only for a cookie such a read did leave
-    there (recently; an older one was handed on unpaired long ago, and an unpaired move is reported
-    as moved in all the same, which is all the handler reads). Same output as watchdog's."""
+    IN_MOVED_FROM of its cookie read before it in this read (a dict lookup), else with a folder's one
+    an earlier read left waiting in the queue: that queue is searched only for a cookie such a read
+    did leave there (recently; an older one was handed on unpaired long ago).
+
+    Unlike watchdog, a file's IN_MOVED_FROM that this read does not pair is not passed on: the
+    handler acts on where a file was moved to, never on where it came from, and a move whose two
+    halves are not paired is reported as moved in at its new name all the same. So a claim (a move
+    out of drop/) costs the observer's threads nothing, and holds nothing queued behind it for the
+    pairing delay. A folder's moves are grouped as watchdog does (its watches follow them)."""
     queued: dict[int, float] = buffer.__dict__.setdefault("_agent_queued_moves", {})
     grouped: list[Any] = []
     unpaired: dict[int, int] = {}  # cookie -> index in grouped of an IN_MOVED_FROM not yet paired
@@ -97,9 +103,13 @@ def _group_events_by_cookie(buffer: Any, event_list: list[Any]) -> list[Any]:
         if now - queued[oldest] <= QUEUED_MOVE_SECONDS:
             break
         del queued[oldest]
-    for index in unpaired.values():  # run() queues these with the pairing delay
-        queued[grouped[index].cookie] = now
-    return grouped
+    dropped = set()
+    for index in unpaired.values():
+        if grouped[index].is_directory:  # run() queues it with the pairing delay
+            queued[grouped[index].cookie] = now
+        else:
+            dropped.add(index)
+    return [event for index, event in enumerate(grouped) if index not in dropped] if dropped else grouped
 
 
 def is_ignored_name(name: str) -> bool:
