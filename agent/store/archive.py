@@ -296,7 +296,7 @@ def _listing(folder: Path) -> _Listing | None:
     except OSError:
         return None
     bases = set()
-    for name in names:
+    for name in [name for name in names if SERVER_INFIX in name]:  # few: the server's files
         start = name.find(SERVER_INFIX)
         while start > 0:
             bases.add(name[:start])
