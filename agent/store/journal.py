@@ -140,6 +140,7 @@ _COLUMNS = (
 )
 _UPDATABLE = frozenset(_COLUMNS) - {"id", "created_at", "updated_at"}
 _STATE_INDEX = _COLUMNS.index("state")
+_SELECT_FILES = f"SELECT {', '.join(_COLUMNS)} FROM files"
 
 
 def _column_value(value: Any) -> Any:
@@ -390,7 +391,7 @@ class Journal:
             reader.close()
 
     def _select(self, where: str = "", params: tuple[Any, ...] = (), tail: str = "") -> list[FileRecord]:
-        sql = f"SELECT {', '.join(_COLUMNS)} FROM files {where} {tail}"
+        sql = f"{_SELECT_FILES} {where} {tail}"
         with self._reading() as reader:
             rows = reader.execute(sql, params).fetchall()
         return [FileRecord.from_row(row) for row in rows]
