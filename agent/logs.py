@@ -60,6 +60,8 @@ _ESCAPED = {c: ("\\n" if c == 10 else "\\r" if c == 13 else f"\\x{c:02x}")
 def escape_controls(text: str) -> str:
     """Control characters shown escaped (`\\n`, `\\x1b`): what the log and the operator views print
     of a file name, so a name can never forge a line or reach the terminal as a control sequence."""
+    if text.isprintable():  # no control character at all (the usual line): nothing to look up per character
+        return text
     return text.translate(_ESCAPED)
 
 
