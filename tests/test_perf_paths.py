@@ -215,3 +215,28 @@ def test_remote_names_of_rows_below_the_index_floor_still_count(tmp_path: Path) 
         assert queued.remote_name == "users_a-2-2.csv"  # held above the floor: found by the index
     finally:
         journal.close()
+
+
+def test_a_batch_of_remote_names_is_looked_up_in_one_query(tmp_path: Path) -> None:
+    """Queueing a batch asks once which of its names are held; only a held name (or a clash inside the
+    batch) is looked at on its own, and the names come out as one by one: `-2` for a name another row
+    holds, `-2` for the second file of the batch with the same name."""
+    journal = journal_with(tmp_path, [(FileState.ARCHIVED, None, 0)])
+    journal.update(1, remote_name="users_held.csv")
+    records = [journal.add_claim(f"users_{index}.csv", tmp_path / f"users_{index}.csv", tmp_path)
+               for index in range(6)]
+    names = ["users_a.csv", "users_held.csv", "users_b.csv", "users_b.csv", "users_c.csv", "users_d.csv"]
+    statements: list[str] = []
+    journal._db.set_trace_callback(statements.append)
+    try:
+        queued = journal.update_many([(record.id, None, {"state": FileState.QUEUED, "remote_name": name})
+                                      for record, name in zip(records, names, strict=True)])
+        journal._db.set_trace_callback(None)
+        assert [record.remote_name for record in queued] == [
+            "users_a.csv", "users_held-2.csv", "users_b.csv", "users_b-2.csv", "users_c.csv", "users_d.csv"]
+        lookups = [sql for sql in statements if sql.startswith("SELECT") and "remote_name" in sql]
+        # the batch's query, then users_held and its -2, and the -2 of the second users_b
+        assert len(lookups) == 4, lookups
+    finally:
+        journal._db.set_trace_callback(None)
+        journal.close()

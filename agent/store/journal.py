@@ -519,11 +519,13 @@ class Journal:
         """Each new remote name made unique across the journal and the batch (inside the
         transaction): a name another row holds gets `-2`, `-3`, ... before its extension."""
         taken: set[str] = set()
+        held = self._held_remote_names([str(fields["remote_name"]) for _id, _message, fields in changes
+                                        if fields.get("remote_name") is not None])
         out = []
         for file_id, message, fields in changes:
             name = fields.get("remote_name")
             if name is not None:
-                name = self._free_remote_name(str(name), file_id, taken)
+                name = self._free_remote_name(str(name), file_id, taken, held)
                 taken.add(name)
                 if message is not None:
                     message = message.replace(str(fields["remote_name"]), name)
@@ -531,10 +533,38 @@ class Journal:
             out.append((file_id, message, fields))
         return out
 
-    def _free_remote_name(self, name: str, file_id: int, taken: set[str]) -> str:
+    def _held_remote_names(self, names: list[str]) -> set[str] | None:
+        """Which of these names some row holds (any row, this batch's own too), in one query per few
+        hundred names instead of one per name: a name not among them is free without a look of its
+        own. None: no index as we make it (every name is looked up on its own)."""
+        floor = self._name_floor
+        if floor is None:
+            return None
+        held: set[str] = set()
+        for start in range(0, len(names), 500):
+            part = names[start:start + 500]
+            marks = ", ".join("?" * len(part))
+            rows = self._db.execute(
+                f"SELECT remote_name FROM files WHERE remote_name IN ({marks}) AND id > ?", (*part, floor)
+            ).fetchall()
+            if floor:  # the rows below the index's floor, by id range
+                rows += self._db.execute(
+                    f"SELECT remote_name FROM files WHERE id <= ? AND remote_name IN ({marks})",
+                    (floor, *part),
+                ).fetchall()
+            held.update(str(row[0]) for row in rows)
+        return held
+
+    def _free_remote_name(self, name: str, file_id: int, taken: set[str],
+                          held: set[str] | None = None) -> str:
+        """`name`, or `name` with `-2`, `-3`, ... before its extension: the first that neither another
+        row nor an earlier file of the batch (`taken`) holds. `held`: `_held_remote_names` of the
+        batch's names (a name not in it needs no lookup)."""
         stem, dot, extension = name.rpartition(".")
         candidate, number = name, 1
-        while candidate in taken or self._remote_name_held(candidate, file_id):
+        while candidate in taken or (
+                (held is None or candidate != name or candidate in held)
+                and self._remote_name_held(candidate, file_id)):
             number += 1
             candidate = f"{stem}-{number}{dot}{extension}" if dot else f"{name}-{number}"
         return candidate
