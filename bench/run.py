@@ -70,6 +70,7 @@ class Sizes:
     link_large_mb: float  # svc-lan, svc-far-cut, svc-fat large file
     single_files: int  # single-file rounds in the svc-* scenarios
     svc_backlog: int
+    svc_cases: tuple[str, ...] = ("single", "burst", "large")  # svc-loopback's cases
 
 
 FULL = Sizes(rounds=3, burst_files=1000, large_mb=100, latency_files=200, backlog_counts=(1000, 10000),
@@ -292,6 +293,7 @@ class Bench:
                  agent_root: Path = REPO) -> None:
         self.server = server
         self.agent_root = agent_root  # the folder holding the `agent` package that runs
+        self.compare_root: Path | None = None  # --compare-root: a second tree, "agent B" (svc-* cases)
         self.work = work
         self.refs = list(refs)
         self.concurrency = concurrency
@@ -585,6 +587,7 @@ def run_slow(bench: Bench, sizes: Sizes, delay_ms: float = 20.0) -> list[Result]
 # ----------------------------------------------------------------------------- the service as it runs
 
 SERVICE_EXTRA = "\n[imports]\nduplicate_window_days = 0\n"  # the same inputs go again every round
+SERVICE_EXTRA += os.environ.get("BENCH_EXTRA_CONFIG", "").replace("\\n", "\n")  # e.g. "[log]\nlevel = ..."
 LINKS = {  # name: (one-way delay ms, Mbit/s)
     "lan": (20.0, 100.0),
     "far": (80.0, 20.0),
@@ -602,7 +605,8 @@ class Service:
     has been running is. `deliver` moves files into drop/ (renames from a staging folder on the same
     filesystem, as `mv` does) and times them until every one is archived."""
 
-    def __init__(self, bench: Bench, ep: Endpoint, backlog: Path | None = None) -> None:
+    def __init__(self, bench: Bench, ep: Endpoint, backlog: Path | None = None,
+                 agent_root: Path | None = None) -> None:
         self.bench = bench
         self.base = bench.agent_dirs()
         self.config = bench.agent_config(self.base, ep, settle=0.0, extra=SERVICE_EXTRA)
@@ -616,7 +620,7 @@ class Service:
         self.backlog_server = ServerCpu(bench.server.sshd_pid).__enter__() if backlog is not None else None
         self.started = time.perf_counter()
         self.proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(self.config)],
-                                     cwd=bench.agent_root, stdout=self.log, stderr=self.log)
+                                     cwd=agent_root or bench.agent_root, stdout=self.log, stderr=self.log)
 
     def archived(self) -> int:
         """Files the daemon has archived: its journal's count (one indexed query; a row is `archived`
@@ -672,18 +676,80 @@ class Service:
         cpu_before = proc_cpu(self.proc.pid)
         if before_move is not None:
             before_move()
+        profiler = self.profile()
+        threads_before = self.thread_cpu() if os.environ.get("BENCH_THREADS") else None
         with ServerCpu(self.bench.server.sshd_pid) as server:
             start = time.perf_counter()
             for name in names:
                 os.rename(staged / name, self.drop / name)
             self.wait_archived(expected, timeout)
             seconds = time.perf_counter() - start
+        if profiler is not None:
+            profiler.send_signal(signal.SIGINT)
+            profiler.wait(timeout=60)
+        if threads_before is not None:
+            after = self.thread_cpu()
+            names = self.thread_names()
+            names[-1] = "(system time of all)"
+            spent = sorted(((after[tid] - threads_before.get(tid, 0.0), names.get(tid, str(tid)))
+                            for tid in after), reverse=True)
+            print("    threads: " + ", ".join(f"{name} {cpu:.2f}" for cpu, name in spent if cpu >= 0.005),
+                  flush=True)
         measure = Measure(seconds, proc_cpu(self.proc.pid) - cpu_before, server.seconds)
         if clear:
             got = len(self.bench.remote_files())
             if got != count:
                 raise RuntimeError(f"agent: {got} remote files, expected {count}")
         return measure
+
+    def thread_cpu(self) -> dict[int, float]:
+        """CPU seconds (user + system) of each of the daemon's threads (BENCH_THREADS=1); under -1 the
+        whole process's system seconds (so the line shows them)."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        out = {}
+        for tid in os.listdir(f"/proc/{self.proc.pid}/task"):
+            with contextlib.suppress(OSError):
+                fields = Path(f"/proc/{self.proc.pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+                out[int(tid)] = (int(fields[11]) + int(fields[12])) / ticks
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        out[-1] = int(fields[12]) / ticks
+        return out
+
+    def thread_names(self) -> dict[int, str]:
+        """Python thread names by native id (py-spy dump)."""
+        path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+        dump = subprocess.run(["py-spy", "dump", "--pid", str(self.proc.pid)], capture_output=True, text=True,
+                              env={**os.environ, "PATH": path})
+        names = {}
+        for line in dump.stdout.splitlines():
+            if line.startswith("Thread "):  # Thread 1234 (idle): "name"
+                parts = line.split()
+                with contextlib.suppress(ValueError):
+                    names[int(parts[1], 0)] = line.split('"')[1] if '"' in line else parts[1]
+        return names
+
+    def profile(self) -> subprocess.Popen[bytes] | None:
+        """With BENCH_PYSPY=DIR: py-spy samples the daemon during each delivery (raw collapsed stacks
+        in DIR; for finding where the time goes, not for the timed rounds: sampling slows it)."""
+        if os.environ.get("BENCH_STRACE"):  # syscall counts of the daemon during each delivery
+            out = f"{os.environ['BENCH_STRACE']}-{time.time_ns()}"
+            tracer = subprocess.Popen(["strace", "-c", "-f", "-o", out, "-p", str(self.proc.pid)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1.0)  # attached
+            return tracer
+        folder = os.environ.get("BENCH_PYSPY")
+        if not folder:
+            return None
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        out = Path(folder) / f"deliver-{self.proc.pid}-{time.time_ns()}.txt"
+        extra = os.environ.get("BENCH_PYSPY_ARGS", "").split()  # e.g. --gil
+        command = ["py-spy", "record", "--pid", str(self.proc.pid), "--format", "raw", "--rate", "500",
+                   "--nonblocking", *extra, "-o", str(out)]
+        path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+        profiler = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    env={**os.environ, "PATH": path})
+        time.sleep(1.0)  # attached
+        return profiler
 
     def rss_mib(self, field: str = "VmRSS") -> float:
         """The daemon's resident memory now (VmHWM: the peak so far)."""
@@ -702,6 +768,8 @@ class Service:
             self.proc.kill()
             self.proc.wait(timeout=10)
         self.log.close()
+        if os.environ.get("BENCH_KEEP_LOG"):  # a copy of the daemon's log, for reading
+            shutil.copy(self.base / "agent.log", os.environ["BENCH_KEEP_LOG"])
         shutil.rmtree(self.base, ignore_errors=True)
         self.bench.clear_remote()
 
@@ -723,13 +791,19 @@ def service_cases(bench: Bench, label: str, ep: Endpoint, rounds: int,
     """For each (name, inputs, sftp row name, rounds) case: the running service against the references."""
     results = []
     service = Service(bench, ep)
+    # --compare-root: a second daemon running another tree, alternated with the first ("agent B")
+    other = Service(bench, ep, agent_root=bench.compare_root) if bench.compare_root else None
     try:
         service.warm_up()
+        if other is not None:
+            other.warm_up()
         bench.clear_remote()
         for name, sources, sftp_name, case_rounds in cases:
             print(f"  [{label} {name}]", flush=True)
             result = Result(f"{label} {name}", extra={"files": len(os.listdir(sources))})
             tools: dict[str, Callable[[], Measure]] = {"agent": lambda s=sources: service.deliver(s)}
+            if other is not None:
+                tools["agent B"] = lambda s=sources: other.deliver(s)
             tools.update(reference_tools(bench, sources, ep, "copy", sftp_name))
             bench.compare(result, case_rounds or rounds, tools)
             result.extra["agent RSS MiB after"] = round(service.rss_mib(), 1)
@@ -737,6 +811,8 @@ def service_cases(bench: Bench, label: str, ep: Endpoint, rounds: int,
             results.append(result)
     finally:
         service.close()
+        if other is not None:
+            other.close()
     return results
 
 
@@ -764,11 +840,13 @@ def burst_input(bench: Bench, files: int) -> Path:
 
 
 def run_svc_loopback(bench: Bench, sizes: Sizes) -> list[Result]:
-    return service_cases(bench, "svc-loopback", bench.direct, sizes.rounds, [
-        ("single file", single_input(bench), "sftp -b", sizes.single_files),
-        (f"burst {sizes.burst_files}", burst_input(bench, sizes.burst_files), "sftp -b", 0),
-        (f"large {sizes.large_mb:g} MB", large_input(bench, sizes.large_mb), "sftp put", 0),
-    ])
+    cases = {
+        "single": lambda: ("single file", single_input(bench), "sftp -b", sizes.single_files),
+        "burst": lambda: (f"burst {sizes.burst_files}", burst_input(bench, sizes.burst_files), "sftp -b", 0),
+        "large": lambda: (f"large {sizes.large_mb:g} MB", large_input(bench, sizes.large_mb), "sftp put", 0),
+    }
+    return service_cases(bench, "svc-loopback", bench.direct, sizes.rounds,
+                         [make() for name, make in cases.items() if name in sizes.svc_cases])
 
 
 def run_svc_link(bench: Bench, sizes: Sizes, link: str) -> list[Result]:
@@ -945,11 +1023,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--link-large-mb", type=float, help="large file through the emulated links (svc-*)")
     parser.add_argument("--link-bursts", type=str, help="comma list of svc-lan burst sizes, e.g. 100,1000")
     parser.add_argument("--svc-backlog", type=int, help="files waiting when svc-backlog starts the daemon")
+    parser.add_argument("--svc-cases", type=str,
+                        help="comma list of svc-loopback cases to run (single,burst,large); default all")
     parser.add_argument("--concurrency", type=int,
                         help="set upload.concurrency (upload threads) in the agent's config; default: the"
                              " agent's own default")
     parser.add_argument("--agent-root", type=Path, default=REPO,
                         help="run the `agent` package found in this folder (e.g. a copy of an older tree)")
+    parser.add_argument("--compare-root", type=Path,
+                        help="svc-* cases: also run a daemon from this folder's `agent` package as"
+                             " \"agent B\", alternated with the first (A/B of two trees)")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--server-disk", choices=("tmpfs", "shared"), default="tmpfs",
                         help="where sshd stores uploads: its own tmpfs (default; a real server's disk is"
@@ -962,6 +1045,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "latency_files": args.latency_files, "idle_seconds": args.idle_seconds,
                  "backlog_counts": tuple(int(n) for n in args.backlog.split(",")) if args.backlog else None,
                  "link_large_mb": args.link_large_mb, "svc_backlog": args.svc_backlog,
+                 "svc_cases": tuple(c.strip() for c in args.svc_cases.split(",")) if args.svc_cases else None,
                  "link_burst_files": (tuple(int(n) for n in args.link_bursts.split(","))
                                       if args.link_bursts else None)}
     sizes = replace(sizes, **{k: v for k, v in overrides.items() if v is not None})
@@ -986,6 +1070,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     with (tempfile.TemporaryDirectory(prefix="saasquatch-bench-") as tmp,
           SshdServer(log_level="ERROR") as server, server_storage(server, args.server_disk)):
         bench = Bench(server, Path(tmp), refs, args.concurrency, args.agent_root.resolve())
+        if args.compare_root:
+            bench.compare_root = args.compare_root.resolve()
+            subprocess.run([sys.executable, "-m", "compileall", "-q", str(bench.compare_root / "agent")],
+                           check=True, env={**os.environ, "PYTHONDONTWRITEBYTECODE": ""})
         runners: dict[str, Callable[[], list[Result]]] = {
             "burst": lambda: [run_burst(bench, sizes)],
             "large": lambda: [run_large(bench, sizes)],

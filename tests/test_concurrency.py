@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import Counter
@@ -222,5 +223,53 @@ def test_archive_finishes_an_earlier_attempts_move_instead_of_starting_anew(tmp_
         Path(record.local_path).rename(dest)  # the rename happened; recording it did not
         done = filer.archive(journal.get(record.id))
         assert done.state == FileState.ARCHIVED and Path(done.local_path) == dest and dest.exists()
+    finally:
+        journal.close()
+
+
+def test_a_file_changed_while_it_is_checked_is_checked_again_not_queued(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check opens the spool copy once: its facts before, the import rules' check of that very
+    file, its facts after. Bytes that change meanwhile are caught (the file goes back to `on_changed`,
+    nothing is queued); an unchanged file is opened once for the whole check."""
+    from agent.intake import claim
+    from agent.intake.claim import Intake
+    from agent.intake.watch import DropScanner
+
+    config = make_config(tmp_path)
+    for folder in (config.paths.drop, config.spool_dir):
+        folder.mkdir(parents=True)
+    journal = Journal(config.journal_path)
+    changed: list[int] = []
+    intake = Intake(config, journal, Filer(config, journal), DropScanner(config.paths.drop, []), lambda: None,
+                    on_changed=lambda record: changed.append(record.id))
+    for name in ("users_steady.csv", "users_growing.csv"):
+        (config.paths.drop / name).write_text(f"accountId,id,email\nacct-1,{name},a@example.com\n")
+    real_admit = claim.admit
+    opens: list[str] = []
+    real_open = claim.os.open
+
+    def counting_open(path: str | os.PathLike[str], flags: int, *args: int) -> int:
+        opens.append(os.fspath(path))
+        return real_open(path, flags, *args)
+
+    def admit_while_written(path: Path, name: str, *args: object, **kwargs: object) -> object:
+        verdict = real_admit(path, name, *args, **kwargs)  # type: ignore[arg-type]
+        if name == "users_growing.csv":
+            with open(path, "a") as handle:  # the writer goes on after the check read it
+                handle.write("acct-2,u2,b@example.com\n")
+        return verdict
+
+    monkeypatch.setattr(claim, "admit", admit_while_written)
+    monkeypatch.setattr(claim.os, "open", counting_open)
+    try:
+        intake.claim_many([(config.paths.drop / "users_steady.csv", None),
+                           (config.paths.drop / "users_growing.csv", None)])
+        rows = {row.name: row for row in journal.all()}
+        assert rows["users_steady.csv"].state == FileState.QUEUED
+        growing = rows["users_growing.csv"]
+        assert growing.state == FileState.CLAIMED and growing.remote_name is None
+        assert changed == [rows["users_growing.csv"].id]
+        assert opens.count(rows["users_steady.csv"].local_path) == 1
     finally:
         journal.close()

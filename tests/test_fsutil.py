@@ -184,6 +184,10 @@ def test_reservation_covers_every_side_name(tmp_path: Path) -> None:
         assert first.name == "d.csv"
         assert filer._reserve(failed, "d.csv.errors.csv", "12").name == "d-12.csv.errors.csv"
         assert filer._reserve(failed, "d.csv", "13").name == "d-13.csv"  # reserved for #11
+        server_file = filer._reserve(failed, "e.csv.server.r.csv", "14")  # the server's file of an e.csv
+        assert filer._reserve(failed, "e.csv", "15").name == "e-15.csv"
+        filer._release(server_file)  # written, or given up: e.csv.server.r.csv is no longer reserved
+        assert filer._reserve(failed, "e.csv", "16").name == "e.csv"
     finally:
         journal.close()
 

@@ -149,3 +149,94 @@ def test_journal_rows_map_onto_file_records_by_position() -> None:
     from agent.store.journal import _COLUMNS, FileRecord
 
     assert [field.name for field in dataclasses.fields(FileRecord)] == list(_COLUMNS)
+
+
+def test_a_record_read_from_a_row_is_the_record_its_constructor_makes(tmp_path: Path) -> None:
+    """from_row fills the record without the generated __init__: the same record (equal, hashable,
+    frozen, replace works), the state a FileState."""
+    import dataclasses
+
+    from agent.store.journal import _COLUMNS, FileRecord
+
+    journal = journal_with(tmp_path, [(FileState.QUEUED, 12.5, 2)])
+    try:
+        row = journal._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM files").fetchone()
+        record = FileRecord.from_row(row)
+        values = list(row)
+        values[_COLUMNS.index("state")] = FileState(values[_COLUMNS.index("state")])
+        assert record == FileRecord(*values) and hash(record) == hash(FileRecord(*values))
+        assert record.state is FileState.QUEUED and record.next_attempt_at == 12.5 and record.attempts == 2
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            record.attempts = 3  # type: ignore[misc]
+        assert dataclasses.replace(record, attempts=3).attempts == 3
+    finally:
+        journal.close()
+
+
+def test_remote_name_lookup_uses_the_index(tmp_path: Path) -> None:
+    """Queueing a file looks its remote name up in the partial unique index, not by reading every row
+    (that was one full scan per file queued, growing with the journal)."""
+    journal = journal_with(tmp_path, [(FileState.ARCHIVED, None, 0)] * 3)
+    record = journal.add_claim("users_x.csv", tmp_path / "users_x.csv", tmp_path)
+    statements: list[str] = []
+    journal._db.set_trace_callback(statements.append)
+    try:
+        journal.update(record.id, state=FileState.QUEUED, remote_name="users_x_1.csv")
+        journal._db.set_trace_callback(None)
+        lookups = [sql for sql in statements if sql.startswith("SELECT") and "remote_name" in sql]
+        assert lookups
+        for sql in lookups:
+            plan = " ".join(str(row[-1]) for row in journal._db.execute(f"EXPLAIN QUERY PLAN {sql}"))
+            assert "files_remote_name" in plan or "PRIMARY KEY" in plan, (sql, plan)
+    finally:
+        journal._db.set_trace_callback(None)
+        journal.close()
+
+
+def test_remote_names_of_rows_below_the_index_floor_still_count(tmp_path: Path) -> None:
+    """A journal of an older version had two rows with one remote name: its index starts above them,
+    and a new file with that name still gets `-2` (rows below the floor are looked at too)."""
+    path = tmp_path / "journal.sqlite3"
+    journal = Journal(path)
+    journal._db.execute("DROP INDEX files_remote_name")
+    for index in range(2):
+        record = journal.add_claim(f"users_{index}.csv", tmp_path / f"users_{index}.csv", tmp_path)
+        journal.update(record.id, state=FileState.ARCHIVED)
+    journal._db.execute("UPDATE files SET remote_name = 'users_a.csv'")  # as an older version could
+    journal.close()
+    journal = Journal(path)  # migrates: the index covers rows above id 2
+    try:
+        assert journal._name_floor == 2
+        record = journal.add_claim("users_a.csv", tmp_path / "users_a.csv", tmp_path)
+        queued = journal.update(record.id, state=FileState.QUEUED, remote_name="users_a.csv")
+        assert queued.remote_name == "users_a-2.csv"
+        other = journal.add_claim("users_b.csv", tmp_path / "users_b.csv", tmp_path)
+        queued = journal.update(other.id, state=FileState.QUEUED, remote_name="users_a-2.csv")
+        assert queued.remote_name == "users_a-2-2.csv"  # held above the floor: found by the index
+    finally:
+        journal.close()
+
+
+def test_a_batch_of_remote_names_is_looked_up_in_one_query(tmp_path: Path) -> None:
+    """Queueing a batch asks once which of its names are held; only a held name (or a clash inside the
+    batch) is looked at on its own, and the names come out as one by one: `-2` for a name another row
+    holds, `-2` for the second file of the batch with the same name."""
+    journal = journal_with(tmp_path, [(FileState.ARCHIVED, None, 0)])
+    journal.update(1, remote_name="users_held.csv")
+    records = [journal.add_claim(f"users_{index}.csv", tmp_path / f"users_{index}.csv", tmp_path)
+               for index in range(6)]
+    names = ["users_a.csv", "users_held.csv", "users_b.csv", "users_b.csv", "users_c.csv", "users_d.csv"]
+    statements: list[str] = []
+    journal._db.set_trace_callback(statements.append)
+    try:
+        queued = journal.update_many([(record.id, None, {"state": FileState.QUEUED, "remote_name": name})
+                                      for record, name in zip(records, names, strict=True)])
+        journal._db.set_trace_callback(None)
+        assert [record.remote_name for record in queued] == [
+            "users_a.csv", "users_held-2.csv", "users_b.csv", "users_b-2.csv", "users_c.csv", "users_d.csv"]
+        lookups = [sql for sql in statements if sql.startswith("SELECT") and "remote_name" in sql]
+        # the batch's query, then users_held and its -2, and the -2 of the second users_b
+        assert len(lookups) == 4, lookups
+    finally:
+        journal._db.set_trace_callback(None)
+        journal.close()

@@ -7,6 +7,7 @@ is exactly a file the daemon sends. Nothing here moves a file or logs.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
 from dataclasses import dataclass
@@ -80,6 +81,7 @@ def admit(
     follow_symlinks: bool = False,
     part: PartOf | None = None,
     now: datetime | None = None,
+    opened: io.FileIO | None = None,
     report: ValidationReport | None = None,
 ) -> Admission:
     """Decide about the file at `path`, dropped as `name` into drop/`subfolder` (None: drop/ itself).
@@ -87,9 +89,11 @@ def admit(
     `fallback` types a file that neither name nor folder types (the CLI's `--type`). A `part` is
     typed like its original and named `<prefix>_<original stem>_<time>_<original hash>_partKofN`;
     a part over the limits is refused, never split again. `digest` None: the SHA-256 is computed
-    while the content is checked (one read) and returned as `sha256`. `report`: the content check
-    already made (by a worker process while the file was sent: agent.intake.check_process) as
-    `validate_file(path, <type>, cfg, fmt=<format>, digest=sha256())`; the file is not read again.
+    while the content is checked (one read) and returned as `sha256`. `opened`: the file at `path`
+    already opened by the caller (`validate_file` reads it instead of opening `path` again).
+    `report`: the content check already made (by a worker process while the file was sent:
+    agent.intake.check_process) as `validate_file(path, <type>, cfg, fmt=<format>,
+    digest=sha256())`; the file is not read again.
     """
     typed_as = part.original_name if part else name
     classification = classify(typed_as, part.subfolder if part else subfolder, cfg, fallback=fallback)
@@ -103,7 +107,7 @@ def admit(
         return Admission(import_type, refusal=reason_paragraph(name, fmt), refused_before_reading=fmt)
     if report is None:
         report = validate_file(path, import_type, cfg, fmt=fmt, follow_symlinks=follow_symlinks,
-                               digest=hashlib.sha256() if digest is None else None)
+                               digest=hashlib.sha256() if digest is None else None, opened=opened)
     if digest is None:
         digest = report.sha256
     if not report.ok:

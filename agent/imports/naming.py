@@ -29,8 +29,11 @@ def readable_stem(original_name: str, prefix: str) -> str:
     """The original name without extension, reduced to `[A-Za-z0-9_-]`, type prefix not repeated."""
     fmt = file_format(original_name)
     stem = original_name if isinstance(fmt, Refusal) else original_name[: -len(fmt.value) - 1]
-    decomposed = unicodedata.normalize("NFKD", stem)
-    ascii_only = "".join(ch for ch in decomposed if not unicodedata.combining(ch))
+    if stem.isascii():  # NFKD leaves ASCII as it is, and it has no combining marks
+        ascii_only = stem
+    else:
+        decomposed = unicodedata.normalize("NFKD", stem)
+        ascii_only = "".join(ch for ch in decomposed if not unicodedata.combining(ch))
     cleaned = _RUNS.sub("-", _UNSAFE.sub("-", ascii_only)).strip("-_")
     folded_prefix = _RUNS.sub("-", _UNSAFE.sub("-", prefix)).strip("-_").lower()
     if folded_prefix and cleaned.lower().startswith(folded_prefix):
@@ -65,7 +68,9 @@ def remote_name(
         raise ValueError("sha256_hex must be a hexadecimal digest")
     moment = when.astimezone(UTC)
     # milliseconds: two claims of the same content never share a name (a claim takes longer than 1 ms)
-    stamp = f"{moment.strftime(TIMESTAMP_FORMAT)}{moment.microsecond // 1000:03d}Z"
+    # TIMESTAMP_FORMAT written out: strftime costs more than the rest of the name together
+    stamp = (f"{moment.year:04d}{moment.month:02d}{moment.day:02d}T{moment.hour:02d}{moment.minute:02d}"
+             f"{moment.second:02d}{moment.microsecond // 1000:03d}Z")
     tail = f"_{stamp}_{sha256_hex[:HASH_CHARS].lower()}"
     if part is not None:
         k, n = part

@@ -91,6 +91,9 @@ class FileFormat(StrEnum):
     JSONL = "jsonl"
 
 
+_FORMAT_SUFFIXES = tuple((f".{fmt.value}", fmt) for fmt in FileFormat)  # file_format, per file: no Enum walk
+
+
 class RefusalCode(StrEnum):
     BAD_NAME = "bad_name"
     BAD_EXTENSION = "bad_extension"
@@ -148,8 +151,8 @@ def accepted_summary(cfg: ImportRules) -> str:
 def file_format(file_name: str) -> FileFormat | Refusal:
     """The format from the extension (`.csv` or `.jsonl`, case-insensitive), or a refusal."""
     lower = file_name.lower()
-    for fmt in FileFormat:
-        if lower.endswith("." + fmt.value) and len(lower) > len(fmt.value) + 1:
+    for suffix, fmt in _FORMAT_SUFFIXES:
+        if lower.endswith(suffix) and len(lower) > len(suffix):
             return fmt
     dot = file_name.rfind(".")
     if dot > 0:
@@ -209,7 +212,6 @@ def classify(
             f"'{display_name(file_name)}' is not a plain file name (it is empty or contains a "
             "path separator); give the file a plain name and drop it again.",
         ))
-    shown = display_name(file_name)
     by_prefix = type_by_prefix(file_name, cfg)
     if isinstance(by_prefix, Refusal):
         return Classification(None, by_prefix)
@@ -217,12 +219,14 @@ def classify(
     if subfolder is not None:
         by_folder = type_by_folder(subfolder, cfg)
         if by_folder is None:
+            shown = display_name(file_name)  # only a refusal shows it
             return Classification(None, Refusal(
                 RefusalCode.UNKNOWN_FOLDER,
                 f"'{shown}' was dropped into drop/{display_name(subfolder)}/, which is not an "
                 f"import folder. {accepted_summary(cfg)}",
             ))
     if by_prefix and by_folder and by_prefix != by_folder:
+        shown = display_name(file_name)  # only a refusal shows it
         return Classification(None, Refusal(
             RefusalCode.TYPE_CONFLICT,
             f"'{shown}' was dropped into drop/{display_name(subfolder or '')}/ (a "
@@ -233,6 +237,7 @@ def classify(
     chosen = by_prefix or by_folder
     if chosen is not None and fallback is not None and fallback != chosen:
         how = "name prefix" if by_prefix else "folder"
+        shown = display_name(file_name)  # only a refusal shows it
         return Classification(None, Refusal(
             RefusalCode.TYPE_CONFLICT,
             f"'{shown}' was given the type {LABELS[fallback]} but its {how} says "
@@ -242,6 +247,7 @@ def classify(
         return Classification(chosen, by_prefix=by_prefix is not None,
                               by_folder=by_folder is not None)
     if fallback is None:
+        shown = display_name(file_name)  # only a refusal shows it
         return Classification(None, Refusal(
             RefusalCode.NO_TYPE,
             f"'{shown}' has no import type: its name does not start with an accepted prefix and "
@@ -250,6 +256,7 @@ def classify(
     if fallback == ImportType.DELETE_USERS and cfg.deletion_guard:
         prefix = cfg.prefixes.for_type(ImportType.DELETE_USERS)
         folder = cfg.folders.for_type(ImportType.DELETE_USERS)
+        shown = display_name(file_name)  # only a refusal shows it
         return Classification(None, Refusal(
             RefusalCode.DELETION_GUARD,
             f"'{shown}' would delete users, which cannot be undone, so the deletion guard requires "

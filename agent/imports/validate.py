@@ -7,6 +7,7 @@ EIO) propagate: the caller decides whether they are transient.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
@@ -104,11 +105,14 @@ def validate_file(
     follow_symlinks: bool = False,
     max_errors: int = MAX_KEPT_ERRORS,
     digest: HashObject | None = None,
+    opened: io.FileIO | None = None,
 ) -> ValidationReport:
     """Check the file at `path` as `import_type`; the format comes from its extension unless given.
 
     With `digest`, the bytes read are hashed on the way (one read for both): the report's `sha256`
     is set when the check read the whole file in order, else None (then hash it separately).
+    `opened`: that file, already opened by the caller as `open_regular` does (at offset 0), read
+    instead of opening `path` again; the caller closes it.
 
     Reads the file once, in constant memory. Never raises for bad content: every problem becomes a
     RecordError in the report. Raises OSError only for I/O trouble other than the refusals above.
@@ -125,11 +129,11 @@ def validate_file(
         else:
             fmt = found
     if fmt is not None:
-        opened = open_regular(path, follow_symlinks)
-        if isinstance(opened, str):
-            sink.add(None, "", f"the path {opened}")
+        handle = opened if opened is not None else open_regular(path, follow_symlinks)
+        if isinstance(handle, str):
+            sink.add(None, "", f"the path {handle}")
         else:
-            with opened as raw:
+            with contextlib.nullcontext(handle) if opened is not None else handle as raw:
                 size = os.fstat(raw.fileno()).st_size
                 if digest is None:
                     records = _check_content(raw, fmt, import_type, sink, size)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import os
 import shutil
 import threading
@@ -79,8 +80,9 @@ class Intake:
         records = self.journal.add_claims(paths, spool)
         ensure_dir(spool)
         moved: list[FileRecord] = []
-        errors = durable_moves([(Path(record.source_path), Path(record.local_path)) for record in records])
-        for record, error in zip(records, errors, strict=True):
+        moves = [(Path(record.source_path), Path(record.local_path)) for record in records]
+        errors = durable_moves(moves)
+        for record, (source, _spooled), error in zip(records, moves, errors, strict=True):
             if isinstance(error, FileNotFoundError):
                 self.journal.delete(record.id)  # taken away by its writer before we could claim it
             elif error is not None:
@@ -88,22 +90,25 @@ class Intake:
                 logger.error("cannot claim {}: {}; it stays in drop/ and will be tried again",
                              record.source_path, error.strerror or error)
             else:
-                self.scanner.forget(Path(record.source_path))
+                self.scanner.forget(source)
                 moved.append(record)
         if not moved:
             return
         ready: list[_Ready] = []  # checked files, queued with one commit
+        ready_bytes = 0  # their bytes
         since = time.monotonic()
         try:
             for record in moved:
+                waiting = len(ready)
                 with logger.contextualize(file_id=record.id, file=record.name):
                     logger.debug("{} claimed", record.label)  # the "queued" or "failed" line follows
                     self._check(record, ready, while_sending=True)
+                if len(ready) > waiting:
+                    ready_bytes += ready[-1].record.size or 0
                 # a big file or a slow check does not hold back the files checked before it
-                if (sum(item.record.size or 0 for item in ready) >= QUEUE_FLUSH_BYTES
-                        or time.monotonic() - since >= QUEUE_FLUSH_SECONDS):
+                if ready_bytes >= QUEUE_FLUSH_BYTES or time.monotonic() - since >= QUEUE_FLUSH_SECONDS:
                     self._queue(ready)
-                    since = time.monotonic()
+                    ready_bytes, since = 0, time.monotonic()
         finally:  # a file whose check failed does not hold back those checked before it
             self._queue(ready)
 
@@ -158,29 +163,33 @@ class Intake:
         added to `ready` for `_queue`. `while_sending`: a large file may be queued unchecked, to be
         checked by a worker process while it is sent (`begin`, `conclude`)."""
         spool_path = Path(record.local_path)
+        # One open for the whole check: the facts before, the check itself (admit reads this very
+        # file), the facts after (the same file: one that changed meanwhile is checked again).
         try:
-            before = _stat_regular(spool_path)
+            handle, before = _open_checked(spool_path)
         except (_NotRegular, OSError) as exc:
             return self._unreadable(record, exc)
-        if before.st_nlink > 1:
+        with handle:
+            if before.st_nlink > 1:
+                verdict = None
+            else:
+                subfolder = subfolder_of(Path(record.source_path), self.config.paths.drop)
+                if while_sending and self._check_while_sending(record, before.st_size, subfolder, ready):
+                    return record
+                # admit hashes while it validates (one read of the file, not two: bench/RESULTS.md round 2)
+                verdict = admit(spool_path, record.name, subfolder, None, self.config.imports,
+                                part=self._part_of(record), opened=handle)
+                after = os.fstat(handle.fileno())
+        if verdict is None:
             return self.filer.quarantine(record, hard_link_reason(record.name, before.st_nlink))
         size = before.st_size
-        subfolder = subfolder_of(Path(record.source_path), self.config.paths.drop)
-        if while_sending and self._check_while_sending(record, size, subfolder, ready):
-            return record
-        # admit hashes while it validates (one read of the file, not two: bench/RESULTS.md round 2)
-        verdict = admit(spool_path, record.name, subfolder, None, self.config.imports,
-                        part=self._part_of(record))
         digest = verdict.sha256
         if digest is None:  # refused before its content was read, or not read to the end
             try:
                 size, digest = _hash_regular_file(spool_path)
+                after = _stat_regular(spool_path)
             except (_NotRegular, OSError) as exc:
                 return self._unreadable(record, exc)
-        try:
-            after = _stat_regular(spool_path)
-        except (_NotRegular, OSError) as exc:
-            return self._unreadable(record, exc)
         if (after.st_size, after.st_mtime_ns, size) != (before.st_size, before.st_mtime_ns, after.st_size):
             logger.warning("{} changed while it was being checked; checking it again once it is stable",
                            record.label)
@@ -261,9 +270,11 @@ class Intake:
 
     def _part_of(self, record: FileRecord) -> PartOf | None:
         """For a part cut by `_split`: its original's name, hash and folder, and k of n."""
+        numbers = part_numbers(record.name)  # first: most names are not a part's
+        if numbers is None:
+            return None
         parent_id = spool_part_of(Path(record.source_path), self.config.spool_dir)
-        numbers = part_numbers(record.name)
-        if parent_id is None or numbers is None:
+        if parent_id is None:
             return None
         try:
             parent = self.journal.get(parent_id)
@@ -374,6 +385,26 @@ def _stat_regular(path: Path) -> os.stat_result:
 def _hash_regular_file(path: Path) -> tuple[int, str]:
     size, digest, _info = _open_regular(path, read=True)
     return size, digest
+
+
+def _open_checked(path: Path) -> tuple[io.FileIO, os.stat_result]:
+    """The file opened for reading and its fstat, refusing anything but a regular file (no link is
+    followed, no FIFO blocks)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == 40:  # ELOOP: a symlink was swapped in
+            raise _NotRegular("is a symbolic link") from None
+        raise
+    try:
+        info = os.fstat(fd)
+        problem = entry_problem(info.st_mode)
+        if problem:
+            raise _NotRegular(problem)
+        return io.FileIO(fd, "rb", closefd=True), info
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _open_regular(path: Path, read: bool) -> tuple[int, str, os.stat_result]:

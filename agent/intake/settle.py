@@ -135,7 +135,10 @@ class SettleQueue:
         """Seconds the file has been finished: 0 while a writer has it open; else unchanged for this
         long by its mtime (unless a close was seen) or by our own watching of its size and mtime
         (which copes with an mtime in the future). Infinite when it is gone or not a regular file:
-        claiming then decides what to say."""
+        claiming then decides what to say. With no settle time a path not being written is finished
+        whatever its facts are (claiming looks at it), so it is not looked at here."""
+        if self.settle_seconds <= 0 and not self._pending[path].writing:
+            return float("inf")
         try:
             info = os.lstat(path)
         except OSError:
@@ -161,6 +164,8 @@ class SettleQueue:
     def _next_wait(self) -> float | None:
         if not self._pending:
             return None
+        if self.settle_seconds <= 0:  # whatever the ages: max(0.05, 0 - age)
+            return 0.05
         ages = [self._age(path) for path in list(self._pending)]
         return min(max(0.05, self.settle_seconds - age) for age in ages)
 

@@ -9,11 +9,22 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from loguru import logger
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    DirCreatedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
@@ -28,12 +39,77 @@ def _shorten_inotify_move_pairing() -> None:
     it with its IN_MOVED_TO, and its queue hands out nothing queued behind it meanwhile. Every claim
     moves a file out of drop/ (an unpaired IN_MOVED_FROM), so each next file waited 0.5 s (measured:
     p50 451 ms rename-to-published). Both halves of a rename arrive in the same read, so a short
-    window still pairs them."""
+    window still pairs them.
+
+    Its pairing was also quadratic: each IN_MOVED_TO was compared with every event read before it in
+    the same read and then with every event waiting in its queue, so a burst of files moved in
+    (hundreds per read) cost its reader thread ~0.1 ms CPU per file. `_group_events_by_cookie` pairs
+    the same events by cookie in one pass, and drops what the handler never uses: a file's
+    IN_MOVED_FROM that is not paired (each claim makes one) and watchdog's record of it."""
     try:
         from watchdog.observers.inotify_buffer import InotifyBuffer
     except ImportError:  # not Linux: another observer, no such buffer
         return
     InotifyBuffer.delay = MOVE_PAIRING_SECONDS
+    InotifyBuffer._group_events = _group_events_by_cookie  # type: ignore[method-assign,assignment]
+
+
+QUEUED_MOVE_SECONDS = 2.0  # an unpaired IN_MOVED_FROM is looked for in the queue this long at most
+
+
+def _group_events_by_cookie(buffer: Any, event_list: list[Any]) -> list[Any]:
+    """watchdog's `InotifyBuffer._group_events` in one pass: each IN_MOVED_TO is paired with the
+    IN_MOVED_FROM of its cookie read before it in this read (a dict lookup), else with a folder's one
+    an earlier read left waiting in the queue: that queue is searched only for a cookie such a read
+    did leave there (recently; an older one was handed on unpaired long ago).
+
+    Unlike watchdog, a file's IN_MOVED_FROM that this read does not pair is not passed on: the
+    handler acts on where a file was moved to, never on where it came from, and a move whose two
+    halves are not paired is reported as moved in at its new name all the same. So a claim (a move
+    out of drop/) costs the observer's threads nothing, and holds nothing queued behind it for the
+    pairing delay. A folder's moves are grouped as watchdog does (its watches follow them)."""
+    queued: dict[int, float] = buffer.__dict__.setdefault("_agent_queued_moves", {})
+    grouped: list[Any] = []
+    unpaired: dict[int, int] = {}  # cookie -> index in grouped of an IN_MOVED_FROM not yet paired
+    records = getattr(getattr(buffer, "_inotify", None), "_moved_from_events", None)
+    for event in event_list:
+        if records is not None and event.is_moved_from and not event.is_directory:
+            # watchdog's Inotify keeps every IN_MOVED_FROM to follow moved folders' watches and never
+            # drops one: a file's (each claim moves one out of drop/) is of no use to it
+            records.pop(event.cookie, None)
+        if event.is_moved_to:
+            index = unpaired.pop(event.cookie, None)
+            if index is not None:
+                grouped[index] = (grouped[index], event)
+                continue
+            if queued.pop(event.cookie, None) is not None:
+                cookie = event.cookie
+
+                def waiting(item: Any, cookie: int = cookie) -> bool:
+                    return not isinstance(item, tuple) and bool(item.is_moved_from) and item.cookie == cookie
+
+                from_event = buffer._queue.remove(waiting)
+                if from_event is not None:
+                    grouped.append((from_event, event))
+                    continue
+            grouped.append(event)
+            continue
+        if event.is_moved_from:
+            unpaired.setdefault(event.cookie, len(grouped))
+        grouped.append(event)
+    now = time.monotonic()
+    while queued:  # oldest first: those handed on long ago are forgotten
+        oldest = next(iter(queued))
+        if now - queued[oldest] <= QUEUED_MOVE_SECONDS:
+            break
+        del queued[oldest]
+    dropped = set()
+    for index in unpaired.values():
+        if grouped[index].is_directory:  # run() queues it with the pairing delay
+            queued[grouped[index].cookie] = now
+        else:
+            dropped.add(index)
+    return [event for index, event in enumerate(grouped) if index not in dropped] if dropped else grouped
 
 
 def is_ignored_name(name: str) -> bool:
@@ -168,7 +244,11 @@ class DropWatcher:
         _shorten_inotify_move_pairing()
         self.observer = _observer()
         self.observer.daemon = True
-        self.observer.schedule(_Handler(scanner, notice), str(scanner.drop), recursive=True)
+        # only the events the handler acts on: inotify then reports no opens, plain closes or deletes,
+        # and no "folder modified" event doubles each file event on its way to the handler
+        self.observer.schedule(_Handler(scanner, notice), str(scanner.drop), recursive=True,
+                               event_filter=[FileCreatedEvent, FileModifiedEvent, FileClosedEvent,
+                                             FileMovedEvent, DirCreatedEvent, DirMovedEvent])
 
     def start(self) -> None:
         self.observer.start()

@@ -16,7 +16,6 @@ temporary file is removed and it goes back to intake to be checked again once it
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import json
 import os
@@ -324,8 +323,7 @@ class Uploader:
         sftp = self._client()
         started = time.monotonic()
         rows = {record.id: record for record in records}
-        uploads = [dataclasses.replace(self._upload(record), resume_from=resume_at.get(record.id, 0))
-                   for record in records]
+        uploads = [self._upload(record, resume_at.get(record.id, 0)) for record in records]
         for upload in uploads:
             if upload.size > BATCH_FILE_MAX_BYTES:  # worth resuming: keep what is acknowledged
                 upload.checkpoint = _Checkpoint(self.journal, upload.resume_from)
@@ -393,11 +391,13 @@ class Uploader:
                 with logger.contextualize(file_id=upload.file_id, file=rows[upload.file_id].name):
                     results[upload.file_id] = self._not_published(sftp, upload)
 
-    def _upload(self, record: FileRecord) -> publish.Upload:
+    def _upload(self, record: FileRecord, resume_from: int = 0) -> publish.Upload:
         """The protocol's view of a row: its id, the checked size and SHA-256, the local and remote paths
-        (a file queued unchecked has neither SHA-256 nor final name until its check concludes)."""
+        (and where a resumed send continues). A file queued unchecked has neither SHA-256 nor final
+        name until its check concludes."""
         return publish.Upload(record.id, int(record.size or 0), record.sha256, record.local_path,
-                              self.temp_path(record), self.final_path(record) if record.remote_name else "")
+                              self.temp_path(record), self.final_path(record) if record.remote_name else "",
+                              resume_from=resume_from)
 
     def _begin_check(self, record: FileRecord) -> PendingCheck:
         assert self._check_while_sending is not None  # `_send` gave the others back to intake

@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NamedTuple
 
 from loguru import logger
 
@@ -48,7 +49,11 @@ class Filer:
         # two files of the same name must never get the same free name (the second rename would
         # replace the first file). Released when the move is done (finish_move).
         self._names_lock = threading.Lock()
-        self._reserved: dict[Path, str] = {}  # destination -> tag (journal id) of the file it is for
+        # folder -> {name: tag (journal id) of the file it is for}: the destinations reserved there
+        self._reserved: dict[Path, dict[str, str]] = {}
+        # folder -> those of its reserved names that are `<base>.server.<...>` (the server's files; few):
+        # what `_free` scans for a reserved `<candidate>.server.*`, not every reservation per candidate
+        self._reserved_server: dict[Path, set[str]] = {}
         self._split_lock = threading.Lock()  # moves out of spool/split-<id>/ and that folder's removal
 
     def _reserve(self, folder: Path, name: str, tag: str) -> Path:
@@ -60,29 +65,33 @@ class Filer:
         `foo.csv` is there). Reserved until the move into it is done (`finish_move`).
         """
         with self._names_lock:
-            return self._reserve_locked(folder, name, tag, _server_bases(folder))
+            return self._reserve_locked(folder, name, tag, _listing(folder))
 
-    def _reserve_locked(self, folder: Path, name: str, tag: str, listing: frozenset[str] | None) -> Path:
-        """`_reserve` with _names_lock held and `listing` the folder's `_server_bases` (None: no
-        folder), taken under the same hold: the names reserved meanwhile are in `_reserved`."""
+    def _reserve_locked(self, folder: Path, name: str, tag: str, listing: _Listing | None) -> Path:
+        """`_reserve` with _names_lock held and `listing` the folder's `_listing` (None: no usable
+        folder), taken under the same hold: the names reserved meanwhile are in `_reserved`, and
+        every name the agent puts in these folders is reserved before it is written."""
         stem, dot, suffix = name.partition(".")
         for attempt in range(1, 10_000):
             candidate = (name if attempt == 1 else
                          f"{stem}-{tag}{'' if attempt == 2 else f'-{attempt - 1}'}{dot}{suffix}")
             if self._free(folder, candidate, tag, listing):
-                dest = folder / candidate
-                self._reserved[dest] = tag
-                return dest
+                self._reserved.setdefault(folder, {})[candidate] = tag
+                if SERVER_INFIX in candidate:
+                    self._reserved_server.setdefault(folder, set()).add(candidate)
+                return folder / candidate
         raise FileExistsError(f"no free name for {name!r} in {folder}")
 
-    def _free(self, folder: Path, candidate: str, tag: str, listing: frozenset[str] | None) -> bool:
+    def _free(self, folder: Path, candidate: str, tag: str, listing: _Listing | None) -> bool:
         """Called with _names_lock held."""
-        if self._reserved.get(folder / candidate) == tag:  # its own, again after a failed move
+        reserved = self._reserved.get(folder, {})
+        if reserved.get(candidate) == tag:  # its own, again after a failed move
             return True
 
         def taken(name: str) -> bool:
-            path = folder / name
-            return path in self._reserved or os.path.lexists(path)
+            if name in reserved:
+                return True
+            return name in listing.names if listing is not None else os.path.lexists(folder / name)
 
         if any(taken(candidate + side) for side in ("", *SIDE_SUFFIXES)):
             return False
@@ -93,11 +102,24 @@ class Filer:
             start = candidate.find(SERVER_INFIX, start + 1)
         if any(base and taken(base) for base in bases):
             return False
-        prefix = f"{folder}/{candidate}{SERVER_INFIX}"  # a reserved <candidate>.server.* in folder
-        if any(str(path).startswith(prefix) and "/" not in str(path)[len(prefix):]
-               for path in self._reserved):
+        prefix = f"{candidate}{SERVER_INFIX}"  # a reserved <candidate>.server.* in folder
+        if any(name.startswith(prefix) for name in self._reserved_server.get(folder, ())):
             return False
-        return listing is None or candidate not in listing  # no <candidate>.server.* on disk
+        return listing is None or candidate not in listing.server_bases  # no <candidate>.server.* on disk
+
+    def _release(self, *destinations: Path) -> None:
+        """The moves into these are done (or will not happen): their names are no longer reserved."""
+        with self._names_lock:
+            for dest in destinations:
+                folder, name = dest.parent, dest.name
+                reserved = self._reserved.get(folder)
+                if reserved is not None and reserved.pop(name, None) is not None and not reserved:
+                    del self._reserved[folder]
+                server = self._reserved_server.get(folder)
+                if server is not None:
+                    server.discard(name)
+                    if not server:
+                        del self._reserved_server[folder]
 
     def _archive_folder(self) -> Path:
         today = datetime.now(UTC)
@@ -111,7 +133,7 @@ class Filer:
         per file made a day of many files quadratic: bench/RESULTS.md round 4)."""
         folder = self._archive_folder()
         with self._names_lock:
-            listing = _server_bases(folder)
+            listing = _listing(folder)
             return [self._reserve_locked(folder, record.name, str(record.id), listing) for record in records]
 
     def failed_destination(self, record: FileRecord) -> Path:
@@ -158,8 +180,7 @@ class Filer:
                     record.id, state=state, pending_path=None, pending_state=None,
                     next_attempt_at=None, message=reason,
                 )
-                with self._names_lock:
-                    self._reserved.pop(dest, None)
+                self._release(dest)
         except OSError as exc:
             return self._hold(record, state, dest, exc)
         logger.bind(**file_fields(record)).error("{} {}: {} (see {})", record.label, state.value, reason,
@@ -206,8 +227,7 @@ class Filer:
             if in_split:
                 with contextlib.suppress(OSError):  # the last part of a split file leaves: drop its folder
                     source.parent.rmdir()
-        with self._names_lock:
-            self._reserved.pop(Path(record.pending_path), None)  # taken now: _free sees it on disk
+        self._release(Path(record.pending_path))  # taken now: _free sees it on disk
         return self.journal.update(
             record.id, state=FileState(record.pending_state), local_path=record.pending_path,
             pending_path=None, pending_state=None, next_attempt_at=None, message=move_message(record),
@@ -216,32 +236,29 @@ class Filer:
     def finish_moves(self, records: list[FileRecord]) -> list[FileRecord]:
         """`finish_move` for a batch (the upload pipeline's archive step): every rename, then one
         fsync per folder involved, then one commit. Each file's ordering is `finish_move`'s: its
-        move is durable before the journal says it is done."""
-        single = [record for record in records if not self._plain_spool_file(record)]
-        batch = [record for record in records if self._plain_spool_file(record)]
+        move is durable before the journal says it is done. A file straight in spool/ is moved
+        with the batch; a part in spool/split-<id>/ (whose folder needs care) on its own."""
+        spool = str(self.config.spool_dir)
+        single = [record for record in records if os.path.dirname(record.local_path) != spool]
+        batch = [record for record in records if os.path.dirname(record.local_path) == spool]
         done = {record.id: self.finish_move(record) for record in single}
-        for folder in {Path(str(record.pending_path)).parent for record in batch}:
+        moves = [(Path(record.local_path), Path(str(record.pending_path))) for record in batch]
+        for folder in {dest.parent for _source, dest in moves}:
             ensure_dir(folder)
-        errors = durable_moves([(Path(record.local_path), Path(str(record.pending_path)))
-                                for record in batch])
-        moved = [record for record, error in zip(batch, errors, strict=True) if error is None]
+        errors = durable_moves(moves)
+        moved = [(record, dest) for record, (_source, dest), error in zip(batch, moves, errors, strict=True)
+                 if error is None]
         done.update((record.id, record) for record in self.journal.update_many([
             (record.id, move_message(record), {"state": FileState(str(record.pending_state)),
                                "local_path": record.pending_path, "pending_path": None,
                                "pending_state": None, "next_attempt_at": None})
-            for record in moved
+            for record, _dest in moved
         ]))
-        with self._names_lock:
-            for record in moved:
-                self._reserved.pop(Path(str(record.pending_path)), None)
+        self._release(*(dest for _record, dest in moved))
         failure = next((error for error in errors if error is not None), None)
         if failure is not None:  # those moved are recorded; the rest keep their intent and retry
             raise failure
         return [done[record.id] for record in records]
-
-    def _plain_spool_file(self, record: FileRecord) -> bool:
-        """A file straight in spool/ (not a part in spool/split-<id>/, whose folder needs care)."""
-        return Path(record.local_path).parent == self.config.spool_dir
 
     def resume_move(self, record: FileRecord) -> FileRecord:
         """Finish a move a crash interrupted: redo the rename, or record the one already done."""
@@ -262,18 +279,26 @@ class Filer:
         )
 
 
-def _server_bases(folder: Path) -> frozenset[str] | None:
-    """Every name in folder that some `<name>.server.<...>` entry of folder starts with (each prefix
-    before a SERVER_INFIX), so one set lookup per candidate name replaces a scan of the folder. None
-    when there is no folder (yet) or it is not usable: the move into it says so (and waits)."""
+class _Listing(NamedTuple):
+    """A folder's entries, listed once for a batch of reservations."""
+
+    names: frozenset[str]
+    server_bases: frozenset[str]  # every name some `<name>.server.<...>` entry starts with
+
+
+def _listing(folder: Path) -> _Listing | None:
+    """The folder's names, and every name that some `<name>.server.<...>` entry of it starts with (each
+    prefix before a SERVER_INFIX), so one set lookup per candidate name replaces a look at the disk
+    or a scan of the folder. None when there is no folder (yet) or it cannot be listed: names are
+    then looked up one by one (the move into it says what is wrong, and waits)."""
     try:
         names = os.listdir(folder)
     except OSError:
         return None
     bases = set()
-    for name in names:
+    for name in [name for name in names if SERVER_INFIX in name]:  # few: the server's files
         start = name.find(SERVER_INFIX)
         while start > 0:
             bases.add(name[:start])
             start = name.find(SERVER_INFIX, start + 1)
-    return frozenset(bases)
+    return _Listing(frozenset(names), frozenset(bases))

@@ -89,6 +89,7 @@ class FileState(StrEnum):
     STARTING = "starting"
 
 
+_STATES = {state.value: state for state in FileState}
 FINAL_STATES = frozenset({FileState.ARCHIVED, FileState.FAILED, FileState.SPLIT, FileState.STALE})
 SENDING_STATES = (FileState.QUEUED, FileState.UPLOADING, FileState.PUBLISHING)  # the upload is not done
 ACTIVE_STATES = (*SENDING_STATES, FileState.UPLOADED)  # work left to do
@@ -139,6 +140,7 @@ _COLUMNS = (
 )
 _UPDATABLE = frozenset(_COLUMNS) - {"id", "created_at", "updated_at"}
 _STATE_INDEX = _COLUMNS.index("state")
+_SELECT_FILES = f"SELECT {', '.join(_COLUMNS)} FROM files"
 
 
 def _column_value(value: Any) -> Any:
@@ -187,8 +189,13 @@ class FileRecord:
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> FileRecord:
         values = list(row)  # in _COLUMNS order, which is the order of the fields above
-        values[_STATE_INDEX] = FileState(values[_STATE_INDEX])
-        return cls(*values)
+        state = values[_STATE_INDEX]
+        values[_STATE_INDEX] = _STATES.get(state) or FileState(state)  # a dict lookup, not Enum's call
+        # what the generated __init__ does, without its 22 object.__setattr__ calls (a row per file and
+        # step: the frozen __init__ was the larger part of reading a batch back)
+        record = object.__new__(cls)
+        record.__dict__.update(zip(_COLUMNS, values, strict=True))
+        return record
 
     @property
     def label(self) -> str:
@@ -237,6 +244,7 @@ class Journal:
 
     def _connect(self, path: Path, readonly: bool) -> None:
         self.path = path
+        self._name_floor: int | None = None  # see _migrate
         if readonly:
             self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
         else:
@@ -285,6 +293,11 @@ class Journal:
                 " WHERE remote_name IS NOT NULL GROUP BY remote_name HAVING COUNT(*) > 1)").fetchone()[0]
             self._db.execute(f"CREATE UNIQUE INDEX files_remote_name ON files (remote_name)"
                              f" WHERE remote_name IS NOT NULL AND id > {int(floor)}")
+        # the index's floor: a lookup by remote name says `id > floor` so SQLite can use the (partial)
+        # index; rows at or below it (older versions' history) are looked at by id range
+        sql = self._db.execute("SELECT sql FROM sqlite_master WHERE name = 'files_remote_name'").fetchone()[0]
+        found = re.search(r"id > (\d+)", str(sql))
+        self._name_floor = int(found.group(1)) if found else None
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -378,7 +391,7 @@ class Journal:
             reader.close()
 
     def _select(self, where: str = "", params: tuple[Any, ...] = (), tail: str = "") -> list[FileRecord]:
-        sql = f"SELECT {', '.join(_COLUMNS)} FROM files {where} {tail}"
+        sql = f"{_SELECT_FILES} {where} {tail}"
         with self._reading() as reader:
             rows = reader.execute(sql, params).fetchall()
         return [FileRecord.from_row(row) for row in rows]
@@ -506,11 +519,13 @@ class Journal:
         """Each new remote name made unique across the journal and the batch (inside the
         transaction): a name another row holds gets `-2`, `-3`, ... before its extension."""
         taken: set[str] = set()
+        held = self._held_remote_names([str(fields["remote_name"]) for _id, _message, fields in changes
+                                        if fields.get("remote_name") is not None])
         out = []
         for file_id, message, fields in changes:
             name = fields.get("remote_name")
             if name is not None:
-                name = self._free_remote_name(str(name), file_id, taken)
+                name = self._free_remote_name(str(name), file_id, taken, held)
                 taken.add(name)
                 if message is not None:
                     message = message.replace(str(fields["remote_name"]), name)
@@ -518,14 +533,55 @@ class Journal:
             out.append((file_id, message, fields))
         return out
 
-    def _free_remote_name(self, name: str, file_id: int, taken: set[str]) -> str:
+    def _held_remote_names(self, names: list[str]) -> set[str] | None:
+        """Which of these names some row holds (any row, this batch's own too), in one query per few
+        hundred names instead of one per name: a name not among them is free without a look of its
+        own. None: no index as we make it (every name is looked up on its own)."""
+        floor = self._name_floor
+        if floor is None:
+            return None
+        held: set[str] = set()
+        for start in range(0, len(names), 500):
+            part = names[start:start + 500]
+            marks = ", ".join("?" * len(part))
+            rows = self._db.execute(
+                f"SELECT remote_name FROM files WHERE remote_name IN ({marks}) AND id > ?", (*part, floor)
+            ).fetchall()
+            if floor:  # the rows below the index's floor, by id range
+                rows += self._db.execute(
+                    f"SELECT remote_name FROM files WHERE id <= ? AND remote_name IN ({marks})",
+                    (floor, *part),
+                ).fetchall()
+            held.update(str(row[0]) for row in rows)
+        return held
+
+    def _free_remote_name(self, name: str, file_id: int, taken: set[str],
+                          held: set[str] | None = None) -> str:
+        """`name`, or `name` with `-2`, `-3`, ... before its extension: the first that neither another
+        row nor an earlier file of the batch (`taken`) holds. `held`: `_held_remote_names` of the
+        batch's names (a name not in it needs no lookup)."""
         stem, dot, extension = name.rpartition(".")
         candidate, number = name, 1
-        while candidate in taken or self._db.execute(
-                "SELECT 1 FROM files WHERE remote_name = ? AND id != ?", (candidate, file_id)).fetchone():
+        while candidate in taken or (
+                (held is None or candidate != name or candidate in held)
+                and self._remote_name_held(candidate, file_id)):
             number += 1
             candidate = f"{stem}-{number}{dot}{extension}" if dot else f"{name}-{number}"
         return candidate
+
+    def _remote_name_held(self, name: str, file_id: int) -> bool:
+        """Another row has this remote name: an index lookup (a bare `remote_name = ?` cannot use the
+        partial index and read every row, once per file queued), then the rows below its floor."""
+        floor = self._name_floor
+        if floor is None:  # no index as we make it: every row
+            return self._db.execute("SELECT 1 FROM files WHERE remote_name = ? AND id != ?",
+                                    (name, file_id)).fetchone() is not None
+        if self._db.execute("SELECT 1 FROM files WHERE remote_name = ? AND id > ? AND id != ?",
+                            (name, floor, file_id)).fetchone() is not None:
+            return True
+        return bool(floor) and self._db.execute(
+            "SELECT 1 FROM files WHERE id <= ? AND remote_name = ? AND id != ?",
+            (floor, name, file_id)).fetchone() is not None
 
     def _apply_same(self, keys: tuple[str, ...], now: str,
                     changes: list[tuple[int, str | None, dict[str, Any]]]) -> None:

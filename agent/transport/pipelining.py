@@ -61,6 +61,10 @@ class PipelinedSFTPClient(paramiko.SFTPClient):  # type: ignore[misc]
         self._held_bytes = 0
         self._received = bytearray()  # read from the channel, not yet taken by _read_all
         super().__init__(sock)
+        # request id -> who takes its reply: a plain dict, not paramiko's WeakValueDictionary (a weak
+        # reference made and dropped per request, five per small file). What it holds is released when
+        # the reply is read, and with the client when the connection is dropped.
+        self._expecting: dict[int, Any] = {}
 
     def _read_all(self, n: int) -> bytes:
         """paramiko's `_read_all` through a buffer: one channel read takes every reply that has

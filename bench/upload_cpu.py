@@ -1,0 +1,108 @@
+"""CPU per file of the upload side in-process against a local OpenSSH sshd (needs root, like the
+tests): files are claimed and queued by intake first (not timed), then `Uploader.process_batch` sends
+them 64 at a time over one connected session, as an upload thread does in a burst. Prints, per run,
+the sending thread's CPU per file and the whole process's (with paramiko's transport thread), and the
+minimum of each. `python bench/upload_cpu.py --files 1000 --runs 5`; AGENT_ROOT= another tree;
+--profile: cProfile of one run's sending thread (SORT=, TOP=)."""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if os.environ.get("AGENT_ROOT"):  # the `agent` package of another tree (e.g. `git archive` of a commit)
+    sys.path.insert(0, os.environ["AGENT_ROOT"])
+
+from agent.config import load_config
+from agent.intake.claim import Intake
+from agent.intake.settle import CLAIM_BATCH
+from agent.intake.watch import DropScanner
+from agent.logs import setup_logging
+from agent.pipeline.upload import Uploader
+from agent.store.archive import Filer
+from agent.store.journal import FileState, Journal
+from agent.transport.sftp import SftpSession
+from bench.run import small_csv
+from tests.helpers.sshd import SshdServer
+
+
+def one_run(server: SshdServer, base: Path, files: int,
+            profile: cProfile.Profile | None) -> tuple[float, float]:
+    shutil.rmtree(base, ignore_errors=True)
+    for entry in os.scandir(server.local_remote_dir):
+        os.unlink(entry.path)
+    drop = base / "drop"
+    drop.mkdir(parents=True)
+    config_path = base / "agent.toml"
+    config_path.write_text(
+        f'[sftp]\nhost = "{server.host}"\nport = {server.port}\nusername = "{server.username}"\n'
+        f'private_key = "{server.user_key_path}"\nknown_hosts = "{server.known_hosts_path}"\n'
+        f'remote_dir = "{server.remote_dir}"\n'
+        f'\n[paths]\ndrop = "{drop}"\nstate_dir = "{base / "state"}"\narchive = "{base / "archive"}"\n'
+        f'failed = "{base / "failed"}"\n\n[watch]\nsettle_seconds = 0\n'
+        "\n[imports]\nduplicate_window_days = 0\n")
+    config = load_config(config_path)
+    config.paths.state_dir.mkdir(parents=True, exist_ok=True)
+    for index in range(files):
+        (drop / f"users_s{index:06d}.csv").write_text(small_csv(index))
+    journal = Journal(config.journal_path)
+    filer = Filer(config, journal)
+    scanner = DropScanner(drop, [])
+    intake = Intake(config, journal, filer, scanner, lambda: None)
+    candidates = list(scanner.scan())
+    for first in range(0, len(candidates), CLAIM_BATCH):
+        intake.claim_many(candidates[first:first + CLAIM_BATCH])
+    session = SftpSession(config.sftp)
+    uploader = Uploader(config, journal, filer, session)
+    uploader.process_batch(journal.query("WHERE state = ?", (FileState.QUEUED.value,))[:1])  # connects
+    queued = journal.query("WHERE state = ?", (FileState.QUEUED.value,))
+    thread_start, process_start = time.thread_time(), time.process_time()
+    if profile is not None:
+        profile.enable()
+    for first in range(0, len(queued), CLAIM_BATCH):
+        uploader.process_batch(queued[first:first + CLAIM_BATCH])
+    if profile is not None:
+        profile.disable()
+    thread_cpu, process_cpu = time.thread_time() - thread_start, time.process_time() - process_start
+    archived = journal.query("WHERE state = ?", (FileState.ARCHIVED.value,))
+    assert len(archived) == files, f"{len(archived)} of {files} archived"
+    session.close()
+    journal.close()
+    return thread_cpu / len(queued), process_cpu / len(queued)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--files", type=int, default=1000)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - the log lines are formatted and written, not kept
+    from agent.config import LogConfig
+
+    setup_logging(LogConfig(level=os.environ.get("BENCH_LOG_LEVEL", "INFO")))  # WARNING: what INFO lines cost
+    sys.stderr = sys.__stderr__
+    with SshdServer(log_level="ERROR") as server, tempfile.TemporaryDirectory(prefix="upload-cpu-") as tmp:
+        if args.profile:
+            profile = cProfile.Profile()
+            one_run(server, Path(tmp) / "run", args.files, profile)
+            stats = pstats.Stats(profile).sort_stats(os.environ.get("SORT", "tottime"))
+            stats.print_stats(int(os.environ.get("TOP", "40")))
+            return 0
+        costs = [one_run(server, Path(tmp) / "run", args.files, None) for _ in range(args.runs)]
+    for index, what in enumerate(("sending thread", "process")):
+        print(f"upload {what} CPU per file (us): " + " ".join(f"{cost[index] * 1e6:.0f}" for cost in costs)
+              + f"; min {min(cost[index] for cost in costs) * 1e6:.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
