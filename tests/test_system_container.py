@@ -175,13 +175,21 @@ def test_upgrade_over_a_running_install_keeps_everything(system: System) -> None
 
 
 def test_reload(system: System) -> None:
+    """The reload takes a changed setting: files of 100 bytes or more are now checked in a worker
+    process while they are sent, so the next file shows that process working under the unit's
+    sandbox (its system-call filter, MemoryDenyWriteExecute, the read-only system)."""
     pid = system.show(UNIT, "MainPID")
+    system.sh(f"printf '\\n[upload]\\ncheck_while_sending_bytes = 100\\n' >> {ETC}/agent.toml")
     system.sh(f"systemctl reload {UNIT}", timeout=60)  # ExecReload= sends SIGHUP
     system.wait("the reload in the journal", lambda: "configuration reloaded" in system.journal(), 30)
     assert system.show(UNIT, "MainPID") == pid and system.show(UNIT, "ActiveState") == "active"
-    system.drop(f"{LIB}/drop", "users_after_reload.csv", b"accountId,id\nacct-3,user-3\n")
+    payload = b"accountId,id,email\n" + b"".join(b"acct-r%d,user-r%d,r%d@example.com\n" % (i, i, i)
+                                                  for i in range(20))
+    system.drop(f"{LIB}/drop", "users_after_reload.csv", payload)
     system.wait("the file dropped after the reload archived",
                 lambda: system.states().get("users_after_reload.csv") == "archived", 60)
+    assert "checked in a worker process while it is sent" in system.journal()
+    assert system.server_files() == sorted(system.sent.values())
 
 
 def test_journald_priorities_and_single_timestamp(system: System) -> None:
