@@ -21,10 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 if os.environ.get("AGENT_ROOT"):  # the `agent` package of another tree (e.g. `git archive` of a commit)
     sys.path.insert(0, os.environ["AGENT_ROOT"])
 
-from agent.config import load_config
+from agent.config import Config, load_config
 from agent.intake.claim import Intake
 from agent.intake.settle import CLAIM_BATCH
-from agent.intake.watch import DropScanner
+from agent.intake.watch import Candidate, DropScanner
 from agent.logs import setup_logging
 from agent.pipeline.upload import Uploader
 from agent.store.archive import Filer
@@ -33,15 +33,16 @@ from agent.transport.sftp import SftpSession
 from bench.run import small_csv
 
 
-def one_run(base: Path, files: int, profile: cProfile.Profile | None) -> tuple[float, float]:
+def burst_setup(base: Path, files: int, sftp: str) -> tuple[Config, Journal, Filer, Intake, list[Candidate]]:
+    """`files` small users CSVs in `base`/drop, and intake as the daemon builds it to take them
+    (settle 0, no duplicate window; `sftp`: the [sftp] table's lines; `base`/key exists, empty)."""
     shutil.rmtree(base, ignore_errors=True)
     drop = base / "drop"
     drop.mkdir(parents=True)
+    (base / "key").write_text("")
     config_path = base / "agent.toml"
-    key = base / "key"
-    key.write_text("")
     config_path.write_text(
-        f'[sftp]\nhost = "127.0.0.1"\nusername = "u"\nprivate_key = "{key}"\nknown_hosts = "{key}"\n'
+        f"[sftp]\n{sftp}\n"
         f'\n[paths]\ndrop = "{drop}"\nstate_dir = "{base / "state"}"\narchive = "{base / "archive"}"\n'
         f'failed = "{base / "failed"}"\n\n[watch]\nsettle_seconds = 0\n'
         "\n[imports]\nduplicate_window_days = 0\n")
@@ -52,8 +53,13 @@ def one_run(base: Path, files: int, profile: cProfile.Profile | None) -> tuple[f
     journal = Journal(config.journal_path)
     filer = Filer(config, journal)
     scanner = DropScanner(drop, [])
-    intake = Intake(config, journal, filer, scanner, lambda: None)
-    candidates = list(scanner.scan())
+    return config, journal, filer, Intake(config, journal, filer, scanner, lambda: None), list(scanner.scan())
+
+
+def one_run(base: Path, files: int, profile: cProfile.Profile | None) -> tuple[float, float]:
+    key = base / "key"
+    config, journal, filer, intake, candidates = burst_setup(
+        base, files, f'host = "127.0.0.1"\nusername = "u"\nprivate_key = "{key}"\nknown_hosts = "{key}"')
     start = time.thread_time()
     phase = os.environ.get("PROFILE_PHASE", "intake")  # --profile: which phase
     if profile is not None and phase == "intake":

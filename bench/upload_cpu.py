@@ -11,7 +11,6 @@ import argparse
 import cProfile
 import os
 import pstats
-import shutil
 import sys
 import tempfile
 import time
@@ -21,43 +20,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 if os.environ.get("AGENT_ROOT"):  # the `agent` package of another tree (e.g. `git archive` of a commit)
     sys.path.insert(0, os.environ["AGENT_ROOT"])
 
-from agent.config import load_config
-from agent.intake.claim import Intake
 from agent.intake.settle import CLAIM_BATCH
-from agent.intake.watch import DropScanner
 from agent.logs import setup_logging
 from agent.pipeline.upload import Uploader
-from agent.store.archive import Filer
-from agent.store.journal import FileState, Journal
+from agent.store.journal import FileState
 from agent.transport.sftp import SftpSession
-from bench.run import small_csv
+from bench.intake_cpu import burst_setup
 from tests.helpers.sshd import SshdServer
 
 
 def one_run(server: SshdServer, base: Path, files: int,
             profile: cProfile.Profile | None) -> tuple[float, float]:
-    shutil.rmtree(base, ignore_errors=True)
     for entry in os.scandir(server.local_remote_dir):
         os.unlink(entry.path)
-    drop = base / "drop"
-    drop.mkdir(parents=True)
-    config_path = base / "agent.toml"
-    config_path.write_text(
-        f'[sftp]\nhost = "{server.host}"\nport = {server.port}\nusername = "{server.username}"\n'
+    config, journal, filer, intake, candidates = burst_setup(
+        base, files, f'host = "{server.host}"\nport = {server.port}\nusername = "{server.username}"\n'
         f'private_key = "{server.user_key_path}"\nknown_hosts = "{server.known_hosts_path}"\n'
-        f'remote_dir = "{server.remote_dir}"\n'
-        f'\n[paths]\ndrop = "{drop}"\nstate_dir = "{base / "state"}"\narchive = "{base / "archive"}"\n'
-        f'failed = "{base / "failed"}"\n\n[watch]\nsettle_seconds = 0\n'
-        "\n[imports]\nduplicate_window_days = 0\n")
-    config = load_config(config_path)
-    config.paths.state_dir.mkdir(parents=True, exist_ok=True)
-    for index in range(files):
-        (drop / f"users_s{index:06d}.csv").write_text(small_csv(index))
-    journal = Journal(config.journal_path)
-    filer = Filer(config, journal)
-    scanner = DropScanner(drop, [])
-    intake = Intake(config, journal, filer, scanner, lambda: None)
-    candidates = list(scanner.scan())
+        f'remote_dir = "{server.remote_dir}"')
     for first in range(0, len(candidates), CLAIM_BATCH):
         intake.claim_many(candidates[first:first + CLAIM_BATCH])
     session = SftpSession(config.sftp)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,8 +13,14 @@ _REPO = str(Path(__file__).resolve().parent.parent)
 if _REPO not in sys.path:  # `tests.helpers` importable under a bare `pytest` too
     sys.path.insert(0, _REPO)
 
+from agent.config import load_config  # noqa: E402
 from agent.ops.keys import write_new_keypair  # noqa: E402
 from agent.ops.sandbox import SandboxServer  # noqa: E402
+from agent.pipeline.upload import Uploader  # noqa: E402
+from agent.store.archive import Filer  # noqa: E402
+from agent.store.journal import Journal  # noqa: E402
+from agent.transport.sftp import SftpSession  # noqa: E402
+from tests.helpers.agent_env import AgentEnv  # noqa: E402
 from tests.helpers.sshd import SshdServer  # noqa: E402
 from tests.helpers.tcp_proxy import TcpProxy  # noqa: E402
 
@@ -44,6 +51,25 @@ def sshd_server() -> Iterator[SshdServer]:
         yield server
         # shown by pytest only when the test fails
         print(f"--- sshd log {server.log_path} (tail) ---\n{server.read_log()[-4000:]}")
+
+
+@pytest.fixture
+def make_uploader(sshd_server: SshdServer, tmp_path: Path) -> Iterator[Callable[..., Uploader]]:
+    """Builds an `Uploader` to `sshd_server` in this process, with the hooks given (its folders
+    made; one journal and session, closed at the end)."""
+    env = AgentEnv.for_sshd(tmp_path / "agent", sshd_server)
+    config = load_config(env.config_path)
+    for folder in (config.spool_dir, config.paths.archive, config.paths.failed):
+        folder.mkdir(parents=True, exist_ok=True)
+    journal = Journal(config.journal_path)
+    session = SftpSession(config.sftp)
+
+    def make(**hooks: Any) -> Uploader:
+        return Uploader(config, journal, Filer(config, journal), session, **hooks)
+
+    yield make
+    session.close()
+    journal.close()
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 only when the check passed and the bytes checked are the bytes sent. Each end-to-end test ends with
 the delivery invariant of test_integrity: every input on the server once under a name of its own,
 or kept in failed/ with a reason; no temporary file left; no final name ever held other bytes.
+Bytes changed while they are sent and checked: test_integrity's changed-bytes test, "while sending".
 """
 
 from __future__ import annotations
@@ -9,17 +10,15 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from agent.config import load_config
 from agent.imports.types import FileFormat, ImportType
 from agent.intake.check_process import CheckProcess, CheckProcessError, CheckRequest
 from agent.pipeline.upload import Uploader
-from agent.store.archive import Filer
-from agent.store.journal import FileState, Journal
-from agent.transport.sftp import SftpSession
+from agent.store.journal import FileState
 from tests.helpers.agent_env import AgentEnv, wait_until
 from tests.helpers.sshd import SshdServer
 from tests.test_integrity import FinalNameWatcher, assert_delivered, sha, users_csv
@@ -91,34 +90,6 @@ def test_two_large_files_with_the_same_bytes_are_published_once(sshd_server: Ssh
     assert_delivered(env, sshd_server.local_remote_dir, {sent: data}, {refused: data})
 
 
-def test_bytes_changed_while_sent_and_checked_are_never_published(sshd_server: SshdServer,
-                                                                  tmp_path: Path) -> None:
-    """The spool copy is rewritten in place (same size, now invalid) while the worker checks it and
-    the uploader sends it: nothing is published; once stable it is checked again (before sending,
-    this time) and refused for what it now holds."""
-    env = overlap_env(tmp_path, sshd_server)
-    text = env.config_path.read_text().replace("[paths]", "bandwidth_limit = 100000\n\n[paths]", 1)
-    env.config_path.write_text(text)
-    data = users_csv(8_000, "changing")  # ~330 KB: over 3 s at 100 kB/s
-    env.drop_atomically("users_changing.csv", data)
-    changed = data.replace(b"accountId,id,email", b"accountXX,id,email")
-    with FinalNameWatcher(sshd_server.local_remote_dir, {"users_changing.csv": data}) as watcher:
-        env.start()
-        try:
-            assert wait_until(lambda: env.states().get("users_changing.csv") == "uploading", 20), env.log()
-            [spool] = [p for p in (env.state / "spool").iterdir() if p.is_file()]
-            with open(spool, "r+b") as handle:  # the same inode, as an open writer would
-                handle.write(changed)
-            assert wait_until(lambda: env.states().get("users_changing.csv") == "failed", 30), env.log()
-        finally:
-            env.stop()
-    assert not watcher.bad, watcher.bad
-    log = env.log()
-    assert QUEUED_UNCHECKED in log and "changed after it was taken" in log
-    assert "accountId" in (env.failed / "users_changing.csv.reason.txt").read_text()
-    assert_delivered(env, sshd_server.local_remote_dir, {}, {"users_changing.csv": changed})
-
-
 def test_kill_during_a_checked_while_sent_upload_resumes_and_publishes_once(sshd_server: SshdServer,
                                                                               tmp_path: Path) -> None:
     """kill -9 while the file is sent and checked: the next run looks at the server first, checks
@@ -165,24 +136,14 @@ def test_check_while_sending_off_checks_every_file_first(sshd_server: SshdServer
 
 
 def test_an_uploader_that_cannot_check_while_sending_gives_the_file_back_to_intake(
-        sshd_server: SshdServer, tmp_path: Path) -> None:
-    env = AgentEnv.for_sshd(tmp_path / "agent", sshd_server)
-    config = load_config(env.config_path)
-    for folder in (config.spool_dir, config.paths.archive, config.paths.failed):
-        folder.mkdir(parents=True, exist_ok=True)
-    journal = Journal(config.journal_path)
-    session = SftpSession(config.sftp)
+        make_uploader: Callable[..., Uploader], sshd_server: SshdServer) -> None:
     given_back: list[int] = []
-    try:
-        uploader = Uploader(config, journal, Filer(config, journal), session,
-                            on_changed=lambda record: given_back.append(record.id))
-        record = journal.add_claim("users_u.csv", Path("/drop/users_u.csv"), config.spool_dir)
-        Path(record.local_path).write_bytes(users_csv(5, "u"))
-        record = journal.update(record.id, state=FileState.QUEUED, size=100, import_type="users")
-        done = uploader.process(record)
-    finally:
-        session.close()
-        journal.close()
+    uploader = make_uploader(on_changed=lambda record: given_back.append(record.id))
+    journal, config = uploader.journal, uploader.config
+    record = journal.add_claim("users_u.csv", Path("/drop/users_u.csv"), config.spool_dir)
+    Path(record.local_path).write_bytes(users_csv(5, "u"))
+    record = journal.update(record.id, state=FileState.QUEUED, size=100, import_type="users")
+    done = uploader.process(record)
     assert done.state == FileState.CLAIMED and given_back == [record.id]
     assert list(sshd_server.local_remote_dir.iterdir()) == []  # nothing sent
 

@@ -111,12 +111,17 @@ def test_refused_writes_mid_file_never_publish_other_bytes(sandbox: tuple[Sandbo
     assert_delivered(env, remote, inputs)
 
 
-def test_bytes_changed_after_the_check_are_never_published(sshd_server: SshdServer, tmp_path: Path) -> None:
+@pytest.mark.parametrize("checked", ["before sending", "while sending"])
+def test_bytes_changed_after_the_check_are_never_published(checked: str, sshd_server: SshdServer,
+                                                           tmp_path: Path) -> None:
     """The claimed copy is rewritten in place (same size, now invalid) while it is being sent, as a
     writer that still holds it open would: nothing of it is published, the log says why, and once
-    stable it is checked again and refused for what it now holds."""
+    stable it is checked again (before sending, this time) and refused for what it now holds. The
+    file was checked before its first byte, or is being checked by a worker process meanwhile
+    (upload.check_while_sending_bytes below its size)."""
     env = AgentEnv.for_sshd(tmp_path / "agent", sshd_server, settle_seconds=0.3)
-    env.write_config(settle_seconds=0.3)
+    env.write_config("[upload]\ncheck_while_sending_bytes = 100000\n" if checked == "while sending" else "",
+                     settle_seconds=0.3)
     text = env.config_path.read_text().replace("[paths]", "bandwidth_limit = 100000\n\n[paths]", 1)
     env.config_path.write_text(text)
     data = users_csv(8_000, "changing")  # ~330 KB: over 3 s at 100 kB/s
@@ -135,6 +140,7 @@ def test_bytes_changed_after_the_check_are_never_published(sshd_server: SshdServ
             env.stop()
     assert not watcher.bad, watcher.bad
     assert "changed after it was taken" in env.log()
+    assert ("checked in a worker process while it is sent" in env.log()) == (checked == "while sending")
     assert "is its disk full" not in env.log()
     reason = (env.failed / "users_changing.csv.reason.txt").read_text()
     assert "accountId" in reason  # refused for what it now holds

@@ -6,7 +6,7 @@ import hashlib
 import os
 import posixpath
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +14,8 @@ import pytest
 
 from agent.config import load_config
 from agent.pipeline.upload import ResumePoint, Uploader
-from agent.store.archive import Filer
-from agent.store.journal import FileRecord, FileState, Journal
+from agent.store.journal import FileRecord, FileState
 from agent.transport import publish
-from agent.transport.sftp import SftpSession
 from tests.helpers.agent_env import AgentEnv, wait_until
 from tests.helpers.sshd import SshdServer
 from tests.helpers.tcp_proxy import TcpProxy
@@ -26,16 +24,8 @@ DATA = b"accountId,id\nacct-1,user-1\n"
 
 
 @pytest.fixture
-def uploader(sshd_server: SshdServer, tmp_path: Path) -> Iterator[Uploader]:
-    env = AgentEnv.for_sshd(tmp_path / "agent", sshd_server)
-    config = load_config(env.config_path)
-    for folder in (config.spool_dir, config.paths.archive, config.paths.failed):
-        folder.mkdir(parents=True, exist_ok=True)
-    journal = Journal(config.journal_path)
-    session = SftpSession(config.sftp)
-    yield Uploader(config, journal, Filer(config, journal), session)
-    session.close()
-    journal.close()
+def uploader(make_uploader: Callable[..., Uploader]) -> Uploader:
+    return make_uploader()
 
 
 def interrupted(uploader: Uploader, state: FileState) -> FileRecord:
