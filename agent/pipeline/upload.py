@@ -437,9 +437,13 @@ class Uploader:
                         f" {upload.sent} with {sent[:16]}... were sent")
                     continue
                 assert self._check_while_sending is not None  # it began the check
+                doomed = not report.ok or report.over_limits  # refused or split: these bytes never go
+                if doomed:  # removed before the file is filed: a crash in between sends and checks again
+                    _remove_temporary(sftp, upload)
                 concluded = self._check_while_sending.conclude(record, report)
                 if concluded is None:  # refused, split or a duplicate: filed by intake, never renamed
-                    _remove_temporary(sftp, upload)
+                    if not doomed:  # a duplicate
+                        _remove_temporary(sftp, upload)
                     results[record.id] = self.journal.get(record.id)
                     continue
                 if concluded.sha256 != sent:
