@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -180,11 +180,13 @@ def test_the_worker_process_says_why_it_gave_no_report(tmp_path: Path) -> None:
 
 
 @pytest.mark.unit
-def test_a_stop_while_waiting_ends_the_worker(tmp_path: Path) -> None:
-    path = tmp_path / "users_w.csv"
-    path.write_bytes(users_csv(50, "w"))
-    check = CheckProcess(CheckRequest(str(path), ImportType.USERS, FileFormat.CSV, 10**8, 10**6))
-    os.kill(check.pid, signal.SIGSTOP)  # it never answers on its own now
+def test_a_stop_while_waiting_ends_the_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    silent = tmp_path / "silent-worker"
+    silent.write_text("#!/bin/sh\nexec sleep 60\n")  # a worker that never answers
+    silent.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(silent))
+    check = CheckProcess(CheckRequest(str(tmp_path / "users_w.csv"), ImportType.USERS, FileFormat.CSV,
+                                      10**8, 10**6))
 
     def stop() -> None:
         raise InterruptedError("stopping")
