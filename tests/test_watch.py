@@ -166,3 +166,17 @@ def test_with_no_settle_time_a_file_not_being_written_is_taken_without_a_look(
     monkeypatch.setattr(settle.os, "lstat", lstat)  # type: ignore[attr-defined]
     assert moved in [watched.candidate[0] for watched in queue.settled_now()]
     assert looked == [str(written)]  # only the file being written is looked at
+
+
+def test_with_no_settle_time_a_file_being_written_waits_for_its_writer_to_close_it(tmp_path: Path) -> None:
+    """settle_seconds = 0 drops the quiet time, not the close-write: a file seen being written is
+    taken only once its writer closed it (design principle 8)."""
+    from agent.intake.settle import SettleQueue
+
+    written = tmp_path / "users_written.csv"
+    written.write_text("accountId,id\n")
+    queue = SettleQueue(0.0, lambda _candidates: None)
+    queue.notice((written, None), "created")  # its writer has it open
+    assert queue.settled_now() == []
+    queue.notice((written, None), "closed")
+    assert [watched.candidate[0] for watched in queue.settled_now()] == [written]

@@ -126,7 +126,8 @@ class SettleQueue:
         ready: list[_Watched] = []
         with self._cond:
             for path in list(self._pending):
-                if self._age(path) >= self.settle_seconds:
+                # a writer still at it is never done, not even with settle_seconds = 0 (0 >= 0)
+                if self._age(path) >= self.settle_seconds and not self._pending[path].writing:
                     ready.append(self._pending.pop(path))
             self._claiming = bool(ready)
         return ready
