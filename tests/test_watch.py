@@ -180,3 +180,7 @@ def test_with_no_settle_time_a_file_being_written_waits_for_its_writer_to_close_
     assert queue.settled_now() == []
     queue.notice((written, None), "closed")
     assert [watched.candidate[0] for watched in queue.settled_now()] == [written]
+    link = tmp_path / "users_link.csv"
+    link.symlink_to(written)  # "created", never closed: not a file to wait for; claiming refuses it
+    queue.notice((link, None), "created")
+    assert [watched.candidate[0] for watched in queue.settled_now()] == [link]

@@ -8,6 +8,7 @@ writing was never seen (a scan, a rename into drop/).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import stat
 import threading
@@ -126,8 +127,9 @@ class SettleQueue:
         ready: list[_Watched] = []
         with self._cond:
             for path in list(self._pending):
+                age = self._age(path)  # infinite: gone or not a regular file (claiming says why)
                 # a writer still at it is never done, not even with settle_seconds = 0 (0 >= 0)
-                if self._age(path) >= self.settle_seconds and not self._pending[path].writing:
+                if age == math.inf or (age >= self.settle_seconds and not self._pending[path].writing):
                     ready.append(self._pending.pop(path))
             self._claiming = bool(ready)
         return ready
@@ -139,13 +141,13 @@ class SettleQueue:
         claiming then decides what to say. With no settle time a path not being written is finished
         whatever its facts are (claiming looks at it), so it is not looked at here."""
         if self.settle_seconds <= 0 and not self._pending[path].writing:
-            return float("inf")
+            return math.inf
         try:
             info = os.lstat(path)
         except OSError:
-            return float("inf")
+            return math.inf
         if not stat.S_ISREG(info.st_mode):
-            return float("inf")
+            return math.inf
         watched = self._pending[path]
         now = time.monotonic()
         current = (info.st_size, info.st_mtime_ns)
