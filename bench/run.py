@@ -19,6 +19,12 @@ svc-loopback, svc-lan (20 ms each way, 100 Mbit/s), svc-far-cut (80 ms, 20 Mbit/
 at half the file), svc-fat (75 ms each way = 150 ms round trip, 500 Mbit/s), svc-backlog (a daemon
 started with many files waiting). `startup` times `status` and `validate` as whole processes against
 `python -c pass`.
+
+Switches for finding where the daemon's time goes (each slows it; not for the timed comparison):
+BENCH_THREADS=1 (CPU seconds and context switches of each daemon thread per delivery),
+BENCH_PYSPY=DIR (+ BENCH_PYSPY_ARGS=--gil), BENCH_STRACE=PREFIX (+ BENCH_STRACE_ARGS, e.g.
+`--seccomp-bpf -e trace=fsync`), BENCH_PERF=PREFIX (`perf stat` of the daemon; BENCH_PERF_EVENTS, e.g.
+`context-switches,syscalls:sys_enter_futex`), BENCH_KEEP_LOG=PATH, BENCH_EXTRA_CONFIG (TOML appended).
 """
 
 from __future__ import annotations
@@ -678,6 +684,7 @@ class Service:
             before_move()
         profiler = self.profile()
         threads_before = self.thread_cpu() if os.environ.get("BENCH_THREADS") else None
+        switches_before = self.thread_switches() if threads_before is not None else {}
         with ServerCpu(self.bench.server.sshd_pid) as server:
             start = time.perf_counter()
             for name in names:
@@ -691,9 +698,12 @@ class Service:
             after = self.thread_cpu()
             names = self.thread_names()
             names[-1] = "(system time of all)"
-            spent = sorted(((after[tid] - threads_before.get(tid, 0.0), names.get(tid, str(tid)))
+            spent = sorted(((after[tid] - threads_before.get(tid, 0.0), names.get(tid, str(tid)), tid)
                             for tid in after), reverse=True)
-            print("    threads: " + ", ".join(f"{name} {cpu:.2f}" for cpu, name in spent if cpu >= 0.005),
+            switches = {tid: count - switches_before.get(tid, 0)
+                        for tid, count in self.thread_switches().items()}
+            print("    threads (CPU s, context switches): " + ", ".join(
+                f"{name} {cpu:.2f} {switches.get(tid, '')}" for cpu, name, tid in spent if cpu >= 0.005),
                   flush=True)
         measure = Measure(seconds, proc_cpu(self.proc.pid) - cpu_before, server.seconds)
         if clear:
@@ -715,6 +725,15 @@ class Service:
         out[-1] = int(fields[12]) / ticks
         return out
 
+    def thread_switches(self) -> dict[int, int]:
+        """Context switches (voluntary + involuntary) of each of the daemon's threads (BENCH_THREADS=1)."""
+        out = {}
+        for tid in os.listdir(f"/proc/{self.proc.pid}/task"):
+            with contextlib.suppress(OSError):
+                lines = Path(f"/proc/{self.proc.pid}/task/{tid}/status").read_text().splitlines()
+                out[int(tid)] = sum(int(line.split()[1]) for line in lines if "ctxt_switches" in line)
+        return out
+
     def thread_names(self) -> dict[int, str]:
         """Python thread names by native id (py-spy dump)."""
         path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
@@ -733,10 +752,18 @@ class Service:
         in DIR; for finding where the time goes, not for the timed rounds: sampling slows it)."""
         if os.environ.get("BENCH_STRACE"):  # syscall counts of the daemon during each delivery
             out = f"{os.environ['BENCH_STRACE']}-{time.time_ns()}"
-            tracer = subprocess.Popen(["strace", "-c", "-f", "-o", out, "-p", str(self.proc.pid)],
+            extra = os.environ.get("BENCH_STRACE_ARGS", "").split()  # e.g. --seccomp-bpf -e trace=fsync
+            tracer = subprocess.Popen(["strace", "-c", "-f", *extra, "-o", out, "-p", str(self.proc.pid)],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)  # attached
             return tracer
+        if os.environ.get("BENCH_PERF"):  # context switches and CPU of the daemon during each delivery
+            out = f"{os.environ['BENCH_PERF']}-{time.time_ns()}"
+            events = os.environ.get("BENCH_PERF_EVENTS", "task-clock,context-switches,cpu-migrations")
+            counter = subprocess.Popen(["perf", "stat", "-e", events, "-p", str(self.proc.pid), "-o", out],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1.0)  # attached
+            return counter
         folder = os.environ.get("BENCH_PYSPY")
         if not folder:
             return None

@@ -2,6 +2,7 @@
 
 - next_sendable skips (and does not wait for) the ids other threads hold;
 - UploadWorker with 4 threads: every queued file is processed exactly once, two at the same time;
+- on a near server small files go through one thread at a time, on a far one through several;
 - intake's batched claim: one commit for the rows, then the moves; a vanished file leaves no row;
 - end to end: `run --once` with concurrency 3 sends every file once and archives it;
 - the config key is validated.
@@ -22,10 +23,12 @@ from agent.pipeline.upload import Uploader
 from agent.pipeline.upload_worker import UploadWorker
 from agent.store.archive import Filer
 from agent.store.journal import FileRecord, FileState, Journal
+from agent.transport.session_pool import SessionPool
 from agent.transport.sftp import SftpSession
 from tests.helpers.agent_env import AgentEnv
 from tests.helpers.configs import make_config
 from tests.helpers.sshd import SshdServer
+from tests.helpers.tcp_proxy import TcpProxy
 
 TIMEOUT = 20.0
 
@@ -91,6 +94,104 @@ def test_four_workers_process_every_file_exactly_once(tmp_path: Path) -> None:
     assert len(uploader.sessions) >= 2  # each thread has its own SFTP session
     assert not worker.busy.is_set()
     journal.close()
+
+
+class FixedDistancePool(SessionPool):
+    """Sessions that never connect, from a server as near or as far as the test says."""
+
+    def __init__(self, config: Config, near: bool) -> None:
+        super().__init__([], config.sftp.connect_timeout)
+        self.config, self.near = config, near
+
+    def server_near(self) -> bool:
+        return self.near
+
+    def acquire(self) -> SftpSession:
+        return SftpSession(self.config.sftp)
+
+    def release(self, session: SftpSession) -> None:
+        return None
+
+
+class BatchRecorder(Uploader):
+    """Records each batch and the most batches in progress at once. `meet`: the first two batches
+    wait for each other (the test passes only when two threads send at the same time)."""
+
+    def __init__(self, config: Config, journal: Journal, meet: bool) -> None:
+        super().__init__(config, journal, Filer(config, journal), SftpSession(config.sftp))
+        self.batches: list[list[int]] = []
+        self.active = self.most = 0
+        self.meet = threading.Barrier(2, timeout=TIMEOUT) if meet else None
+        self._lock = threading.Lock()
+
+    def process_batch(self, records: list[FileRecord]) -> list[FileRecord]:
+        with self._lock:
+            self.batches.append([record.id for record in records])
+            self.active += 1
+            self.most = max(self.most, self.active)
+            first_two = len(self.batches) <= 2
+        if self.meet is not None and first_two:
+            self.meet.wait()
+        else:
+            time.sleep(0.01)  # time for another thread to take the next batch, were it allowed to
+        with self._lock:
+            self.active -= 1
+        return [self.journal.update(record.id, state=FileState.ARCHIVED) for record in records]
+
+    def process(self, record: FileRecord) -> FileRecord:
+        return self.process_batch([record])[0]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("near", [True, False], ids=["near server", "far server"])
+def test_small_files_go_through_one_thread_only_on_a_near_server(tmp_path: Path, near: bool) -> None:
+    config = make_config(tmp_path, {"upload": {"batch_files": 4}})
+    journal = queued_journal(tmp_path, 120)
+    uploader = BatchRecorder(config, journal, meet=not near)
+    worker = UploadWorker(uploader, journal, concurrency=4, sessions=FixedDistancePool(config, near))
+    worker.start()
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while journal.count_in((FileState.QUEUED,)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        assert worker.stop(TIMEOUT)
+    sent = Counter(file_id for batch in uploader.batches for file_id in batch)
+    assert sorted(sent) == list(range(1, 121)) and set(sent.values()) == {1}  # each file once
+    assert len(uploader.batches) >= 30
+    if near:
+        assert uploader.most == 1, uploader.most
+    else:
+        assert uploader.most >= 2, uploader.most
+    assert not worker.busy.is_set()
+    journal.close()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("delay_ms", [0, 25], ids=["loopback", "25 ms each way"])
+def test_run_once_tells_a_near_server_from_a_far_one(sshd_server: SshdServer, sshd_proxy: TcpProxy,
+                                                     proxy_known_hosts: Path, tmp_path: Path,
+                                                     delay_ms: int) -> None:
+    extra = "[upload]\nconcurrency = 4\nbatch_files = 8\n"
+    if delay_ms:  # through the proxy, which delays every chunk each way
+        sshd_proxy.delay_ms = delay_ms
+        env = AgentEnv(tmp_path / "agent", host=sshd_proxy.host, port=sshd_proxy.port,
+                       username=sshd_server.username, private_key=sshd_server.user_key_path,
+                       known_hosts=proxy_known_hosts, remote_dir=sshd_server.remote_dir, settle_seconds=0,
+                       extra=extra)
+    else:
+        env = AgentEnv.for_sshd(tmp_path / "agent", sshd_server, settle_seconds=0, extra=extra)
+    payloads = {f"users_n{i:03d}.csv": f"accountId,id,email\nacct-{i},u{i},u{i}@example.com\n".encode()
+                for i in range(80)}
+    for name, data in payloads.items():
+        env.drop_atomically(name, data)
+    result = env.run_once()
+    assert result.returncode == 0, result.stderr[-3000:]
+    remote = [p.read_bytes() for p in sshd_server.local_remote_dir.iterdir() if p.is_file()]
+    assert sorted(remote) == sorted(payloads.values())  # each once, and no temporary left behind
+    assert sorted(p.read_bytes() for p in env.archived_files()) == sorted(payloads.values())
+    said_near = "small files go over one connection at a time" in result.stderr
+    assert said_near == (delay_ms == 0), result.stderr[-3000:]
 
 
 def test_batched_claim_commits_rows_then_moves_and_forgets_vanished_files(tmp_path: Path) -> None:

@@ -40,6 +40,12 @@ class UploadWorker:
     one thread at a time. Each borrows a session from `sessions` per file or batch (default: the
     uploader's session and `concurrency - 1` more). `heartbeat_interval`: wake at least this often
     to ping the systemd watchdog (None: no watchdog).
+
+    On a near server (`SessionPool.server_near`) small files go through one thread at a time: each
+    batch costs a few round trips and far more of this process's CPU, so further threads would only
+    take turns at the GIL (bench/RESULTS.md round 6: a third more CPU for the same burst). The thread
+    holding them keeps taking the next batch; the others wait until it takes a large file or finds
+    nothing, and take large files meanwhile only as they come up oldest first.
     """
 
     def __init__(self, uploader: Sender, journal: Journal, concurrency: int = 1, *,
@@ -51,6 +57,8 @@ class UploadWorker:
         self._generation = 0
         self._claim_lock = threading.Lock()
         self._claimed: set[int] = set()  # journal ids a thread is working on
+        self._small_files_thread: int | None = None  # on a near server, the thread sending small files
+        self._small_files_waiting = False  # a thread waits for it to finish with them
         self._threads = [threading.Thread(target=self._run, args=(index,), daemon=True,
                                           name="upload" if index == 0 else f"upload-{index + 1}")
                          for index in range(self.concurrency)]
@@ -105,16 +113,24 @@ class UploadWorker:
             if self._generation == seen and not self.uploader.stop_requested.is_set():
                 self._cond.wait(timeout)
 
-    def _take(self) -> tuple[list[FileRecord], float | None]:
+    def _take(self, index: int) -> tuple[list[FileRecord], float | None]:
         """The oldest due file no other thread holds, with the small queued files after it (batch),
-        now held by this one; else nothing and when a file falls due."""
+        now held by thread `index`; else nothing and when a file falls due (nothing and None also
+        while another thread sends small files to a near server)."""
         with self._claim_lock:
+            if self._small_files_thread not in (None, index) and self._near():
+                self._small_files_waiting = True
+                return [], None
             record, next_due = self.journal.next_sendable(exclude=self._claimed)
+            small = (record is not None and self.batch_files > 1 and record.state == FileState.QUEUED
+                     and (record.size or 0) <= BATCH_FILE_MAX_BYTES)
+            if not small:
+                self._leave_small_files(index)
             if record is None:
                 return [], next_due
             batch = [record]
-            if (self.batch_files > 1 and record.state == FileState.QUEUED
-                    and (record.size or 0) <= BATCH_FILE_MAX_BYTES):
+            if small:
+                self._small_files_thread = index
                 batch, total = [], 0
                 for candidate in self.journal.queued_after(record, self.batch_files, BATCH_FILE_MAX_BYTES,
                                                            exclude=self._claimed):
@@ -127,6 +143,18 @@ class UploadWorker:
             self._claimed.update(member.id for member in batch)
             self.busy.set()
         return batch, None
+
+    def _near(self) -> bool:
+        return self._sessions is not None and self._sessions.server_near()
+
+    def _leave_small_files(self, index: int) -> None:
+        """Thread `index` sends no more small files for now: a thread waiting for them looks again
+        (called with the claim lock held)."""
+        if self._small_files_thread == index:
+            self._small_files_thread = None
+            if self._small_files_waiting:
+                self._small_files_waiting = False
+                self.wake()
 
     def _release_all(self, records: list[FileRecord]) -> None:
         for record in records:
@@ -142,20 +170,24 @@ class UploadWorker:
         try:
             if index == 0 and self._preconnect and self._sessions is not None:
                 self._sessions.connect_ahead()
-            self._loop()
+            self._loop(index)
         finally:
+            with self._claim_lock:
+                self._leave_small_files(index)
             self.uploader.bind_session(None)
 
-    def _loop(self) -> None:
+    def _loop(self, index: int) -> None:
         while not self.uploader.stop_requested.is_set():
             self.uploader.heartbeat()
             with self._cond:
                 seen = self._generation
             hold = self.uploader.wait_for_connection_slot()
             if hold > 0:
+                with self._claim_lock:
+                    self._leave_small_files(index)
                 self._wait(seen, hold)
                 continue
-            batch, next_due = self._take()
+            batch, next_due = self._take(index)
             if not batch:
                 self._wait(seen, None if next_due is None else max(0.0, next_due - time.time()))
                 continue
@@ -180,6 +212,8 @@ class UploadWorker:
                                  LOCAL_FAULT_PAUSE_SECONDS)
                 self._give_back(session)
                 self._release_all(batch)
+                with self._claim_lock:
+                    self._leave_small_files(index)
                 with self._cond:
                     seen = self._generation  # the pause is not cut short by wake-ups during the attempt
                 self._wait(seen, LOCAL_FAULT_PAUSE_SECONDS)

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import struct
+import time
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -60,6 +62,9 @@ class PipelinedSFTPClient(paramiko.SFTPClient):  # type: ignore[misc]
         self._held: list[bytes] | None = None  # set first: the base class sends its INIT at once
         self._held_bytes = 0
         self._received = bytearray()  # read from the channel, not yet taken by _read_all
+        # the shortest wait seen between sending a step's requests and its first reply (seconds): about
+        # the round trip to the server, which tells whether the link or this process is the bottleneck
+        self.quickest_reply = math.inf
         super().__init__(sock)
         # request id -> who takes its reply: a plain dict, not paramiko's WeakValueDictionary (a weak
         # reference made and dropped per request, five per small file). What it holds is released when
@@ -154,8 +159,13 @@ def exchange(sftp: paramiko.SFTPClient, requests: Sequence[Request]) -> list[Rep
     cork = sftp.corked() if isinstance(sftp, PipelinedSFTPClient) else contextlib.nullcontext()
     with cork:
         numbers = [sftp._async_request(replies, kind, *args) for kind, args in requests]
+    sent = time.perf_counter()
+    first = True
     while len(replies.by_number) < len(numbers):
         sftp._read_response()
+        if first and isinstance(sftp, PipelinedSFTPClient):
+            first = False
+            sftp.quickest_reply = min(sftp.quickest_reply, time.perf_counter() - sent)
     return [_reply(sftp, *replies.by_number.pop(number)) for number in numbers]
 
 

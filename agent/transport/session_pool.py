@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 
@@ -14,6 +15,9 @@ SPARE_CONNECTION_WAIT = 0.1  # seconds work waits for a busy connection before a
 # limit): seconds the pool works with the connections it has before it tries to open one more
 LIMITED_SECONDS = 300.0
 MAX_ACQUIRE_ROUNDS = 4  # connection attempts one acquire() makes before it hands a session over
+# a server whose first reply to a step comes within this is near (loopback, the same LAN): there the
+# upload threads wait on this process's CPU, not on the link (UploadWorker sends small files on one)
+NEAR_REPLY_SECONDS = 0.005
 
 
 class SessionPool:
@@ -46,6 +50,8 @@ class SessionPool:
         self._limits_seen = 0
         self.closed = False
         self._cond = threading.Condition()
+        self._quickest_replies: dict[SftpSession, float] = {}  # each session's, when it was given back
+        self._near_said = False
 
     def add(self, session: SftpSession) -> None:
         """One more session to lend (the status poll's: it then shares the pool's connections)."""
@@ -142,7 +148,21 @@ class SessionPool:
         self._lent += 1
         return self._free.pop(index)
 
+    def server_near(self) -> bool:
+        """A connection's quickest reply came within NEAR_REPLY_SECONDS (measured on the connections
+        open when they were last given back; a new connection is not measured until it is)."""
+        with self._cond:
+            return min(self._quickest_replies.values(), default=math.inf) < NEAR_REPLY_SECONDS
+
     def release(self, session: SftpSession) -> None:
+        quickest = session.quickest_reply
+        with self._cond:
+            self._quickest_replies[session] = quickest
+            say_near = quickest < NEAR_REPLY_SECONDS and not self._near_said
+            self._near_said = self._near_said or say_near
+        if say_near:
+            logger.info("the server answers within {:.1f} ms: small files go over one connection at a"
+                        " time (more would only compete for this machine's CPU)", quickest * 1000)
         with self._cond:
             self._lent -= 1
             self._lent_up.discard(session)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
 import re
 import socket
@@ -263,6 +264,13 @@ class SftpSession:
         """A connection is open and alive (client() will not have to connect)."""
         with self._lock:
             return self._sftp is not None and self._alive()
+
+    @property
+    def quickest_reply(self) -> float:
+        """Its connection's quickest first reply to a step (about the round trip; `PipelinedSFTPClient`),
+        infinite before one was measured."""
+        sftp = self._sftp
+        return sftp.quickest_reply if isinstance(sftp, PipelinedSFTPClient) else math.inf
 
     def _alive(self) -> bool:
         transport = self._ssh.get_transport() if self._ssh else None
