@@ -3,12 +3,15 @@
 - next_sendable walks an index (no sort of every queued row per file: a backlog stays linear) and
   still hands out the oldest due file, skipping files in backoff;
 - run --once's idle check is one COUNT query;
-- the SSH transport offers only secure algorithms, AES-GCM first, and a real sshd agrees to it.
+- the SSH transport offers only secure algorithms, AES-GCM first, and a real sshd agrees to it;
+- a batch's WRITEs go to the channel in a few runs, not one SSH packet per file, every status read.
 """
 
 from __future__ import annotations
 
+import hashlib
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -17,6 +20,7 @@ import pytest
 
 from agent.config import SftpConfig
 from agent.store.journal import ACTIVE_STATES, FileState, Journal
+from agent.transport import publish
 from agent.transport.sftp import PREFERRED_CIPHERS, TRANSPORT_WINDOW, SftpSession, make_transport
 from tests.helpers.sshd import SshdServer
 
@@ -240,3 +244,45 @@ def test_a_batch_of_remote_names_is_looked_up_in_one_query(tmp_path: Path) -> No
     finally:
         journal._db.set_trace_callback(None)
         journal.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("files", [1, 24])
+def test_a_batch_writes_in_runs_and_reads_every_status(sshd_server: SshdServer, tmp_path: Path,
+                                                       files: int) -> None:
+    session = SftpSession(SftpConfig(
+        host=sshd_server.host, port=sshd_server.port, username=sshd_server.username,
+        private_key=sshd_server.user_key_path, known_hosts=sshd_server.known_hosts_path,
+        remote_dir=sshd_server.remote_dir,
+    ))
+    try:
+        sftp = session.client()
+        uploads = []
+        for index in range(files):
+            data = f"accountId,id\nacct-{index},{'x' * 1000}\n".encode()
+            local = tmp_path / f"users_{index}.csv"
+            local.write_bytes(data)
+            uploads.append(publish.Upload(index, len(data), hashlib.sha256(data).hexdigest(), str(local),
+                                          f"{sshd_server.remote_dir}/.{index}.part", ""))
+        publish.open_all(sftp, uploads)
+        writes = 0
+        channel_write = sftp._write_all
+
+        def counted(data: bytes) -> None:
+            nonlocal writes
+            writes += 1
+            channel_write(data)
+
+        sftp._write_all = counted  # type: ignore[method-assign]
+        pacer = publish.Pacer(lambda: False, lambda: None, 0, threading.Event().wait)
+        publish.write_all(sftp, uploads, 32 * 1024, pacer)
+        del sftp._write_all
+        assert writes == (1 if files == 1 else 2), writes  # 24 KiB of WRITEs: runs of about 16 KiB
+        assert all(upload.error is None and upload.acked == upload.size for upload in uploads)
+        publish.close_all(sftp, uploads)
+        for index, upload in enumerate(uploads):
+            assert upload.remote_size == upload.size
+            assert (sshd_server.local_remote_dir / f".{index}.part").read_bytes() == \
+                (tmp_path / f"users_{index}.csv").read_bytes()
+    finally:
+        session.close()

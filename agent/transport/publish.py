@@ -17,6 +17,7 @@ files before reading the replies (agent.transport.pipelining). Per file:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import time
@@ -121,13 +122,17 @@ def write_all(sftp: paramiko.SFTPClient, uploads: Sequence[Upload], request_size
     A connection fault is raised as it comes (the caller drops the connection). A refused WRITE
     stops that file (its error); a local change stops it too (`changed`). `extra_lanes`: further
     SFTP channels of the connection a large file may use while the first one's window is full.
+    The WRITEs of several (small) files go out in runs (`PipelinedSFTPClient.corked`), not one SSH
+    packet each; a run is sent before any wait for replies.
     """
     window = _WriteWindow(sftp, extra_lanes)
-    for upload in uploads:
-        if upload.handle is None:
-            continue
-        _write_one(sftp, upload, request_size, pacer, window)
-    window.finish()
+    several = len(uploads) > 1 and isinstance(sftp, sftp_batch.PipelinedSFTPClient)
+    with sftp.corked() if several else contextlib.nullcontext():
+        for upload in uploads:
+            if upload.handle is None:
+                continue
+            _write_one(sftp, upload, request_size, pacer, window)
+        window.finish()
 
 
 def close_all(sftp: paramiko.SFTPClient, uploads: Sequence[Upload]) -> None:
