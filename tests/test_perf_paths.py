@@ -4,7 +4,8 @@
   still hands out the oldest due file, skipping files in backoff;
 - run --once's idle check is one COUNT query;
 - the SSH transport offers only secure algorithms, AES-GCM first, and a real sshd agrees to it;
-- a batch's WRITEs go to the channel in a few runs, not one SSH packet per file, every status read.
+- a batch's WRITEs go to the channel in a few runs, not one SSH packet per file, every status read;
+- a batch's rows returned with the changes applied (not read back) are the rows the journal holds.
 """
 
 from __future__ import annotations
@@ -286,3 +287,20 @@ def test_a_batch_writes_in_runs_and_reads_every_status(sshd_server: SshdServer, 
                 (tmp_path / f"users_{index}.csv").read_bytes()
     finally:
         session.close()
+
+
+def test_rows_returned_with_the_changes_applied_are_the_rows_read_back(tmp_path: Path) -> None:
+    journal = journal_with(tmp_path, [(FileState.UPLOADED, None, 2), (FileState.UPLOADED, time.time(), 0)])
+    try:
+        before = {record.id: record for record in journal.query("")}
+        changes = [(file_id, "archived", {"state": FileState.ARCHIVED, "local_path": tmp_path / f"a{file_id}",
+                                          "pending_path": None, "pending_state": None,
+                                          "next_attempt_at": None})
+                   for file_id in before]
+        applied = journal.update_many(changes, known=before)
+        assert applied == [journal.get(file_id) for file_id in before]
+        assert all(record.state is FileState.ARCHIVED for record in applied)
+        with pytest.raises(KeyError):  # every row changed must be known
+            journal.update_many(changes[:1], known={})
+    finally:
+        journal.close()

@@ -237,7 +237,8 @@ class Filer:
         """`finish_move` for a batch (the upload pipeline's archive step): every rename, then one
         fsync per folder involved, then one commit. Each file's ordering is `finish_move`'s: its
         move is durable before the journal says it is done. A file straight in spool/ is moved
-        with the batch; a part in spool/split-<id>/ (whose folder needs care) on its own."""
+        with the batch; a part in spool/split-<id>/ (whose folder needs care) on its own. `records`
+        are as the journal holds them (just read back): the rows returned are them with the move applied."""
         spool = str(self.config.spool_dir)
         single = [record for record in records if os.path.dirname(record.local_path) != spool]
         batch = [record for record in records if os.path.dirname(record.local_path) == spool]
@@ -253,7 +254,7 @@ class Filer:
                                "local_path": record.pending_path, "pending_path": None,
                                "pending_state": None, "next_attempt_at": None})
             for record, _dest in moved
-        ]))
+        ], known={record.id: record for record, _dest in moved}))
         self._release(*(dest for _record, dest in moved))
         failure = next((error for error in errors if error is not None), None)
         if failure is not None:  # those moved are recorded; the rest keep their intent and retry

@@ -13,7 +13,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -148,6 +148,16 @@ def _column_value(value: Any) -> Any:
     if isinstance(value, StrEnum):
         return value.value
     return str(value) if isinstance(value, Path) else value
+
+
+def _changed(record: FileRecord, fields: Mapping[str, Any], now: str) -> FileRecord:
+    """`record` with `fields` as the journal now holds them (what `from_row` would read back)."""
+    values = {key: _column_value(value) for key, value in fields.items()}
+    if "state" in values:
+        values["state"] = _STATES.get(values["state"]) or FileState(values["state"])
+    changed = object.__new__(FileRecord)
+    changed.__dict__.update(record.__dict__, **values, updated_at=now)
+    return changed
 
 
 def iso_utc(moment: datetime) -> str:
@@ -488,16 +498,19 @@ class Journal:
         return record
 
     def update_many(self, changes: list[tuple[int, str | None, dict[str, Any]]],
-                    fetch: bool = True) -> list[FileRecord]:
+                    fetch: bool = True, known: Mapping[int, FileRecord] | None = None) -> list[FileRecord]:
         """`update` for several rows (file id, event message, fields) in one commit: a batch of files
         moving to the same step costs one fsync, not one each. Returns the rows in the given order
-        (fetch=False: nothing, for a caller that has what it needs)."""
+        (fetch=False: nothing, for a caller that has what it needs). `known`: the rows as the caller
+        read them, each changed here; the rows returned are those with the changes applied, not read
+        back (no remote name among the changes: the journal may make a new one unique)."""
         if not changes:
             return []
         now = utc_now_iso()
         keys = tuple(changes[0][2])
+        renaming = any("remote_name" in fields for _id, _message, fields in changes)
         with self._transaction():
-            if any("remote_name" in fields for _id, _message, fields in changes):
+            if renaming:
                 changes = self._unique_remote_names(changes)
             if "state" in keys and all(tuple(fields) == keys for _id, _message, fields in changes):
                 self._apply_same(keys, now, changes)  # a batch moving to one step: two statements
@@ -506,6 +519,8 @@ class Journal:
                     self._apply(file_id, now, message, fields)
         if not fetch:
             return []
+        if known is not None and not renaming:
+            return [_changed(known[file_id], fields, now) for file_id, _message, fields in changes]
         ids = [file_id for file_id, _message, _fields in changes]
         marks = ", ".join("?" * len(ids))
         by_id = {record.id: record for record in self._select(f"WHERE id IN ({marks})", tuple(ids))}
