@@ -8,16 +8,21 @@ never losing or doubling a file of the batch.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from loguru import logger
 
 from agent.ops.sandbox import SandboxServer
-from agent.pipeline.upload import BATCH_FILE_MAX_BYTES
+from agent.pipeline.upload import BATCH_FILE_MAX_BYTES, Uploader
+from agent.store.journal import FileRecord, FileState
 from tests.helpers.agent_env import AgentEnv, sandbox_env, wait_until
 from tests.helpers.sshd import SshdServer
 from tests.helpers.tcp_proxy import TcpProxy
@@ -264,3 +269,40 @@ def test_connection_cut_after_a_batch_was_renamed_but_not_told(proxied_env: Agen
     assert len(interrupted_first_try(log)) > 1, log
     assert "already published" in log, log
     assert_delivered_once(env, remote, inputs, log)
+
+
+def queued_batch(uploader: Uploader, count: int) -> list[FileRecord]:
+    """`count` small users files, checked and queued as intake leaves them."""
+    records = []
+    for index in range(count):
+        data = users_csv(2, f"log{index}")
+        claimed = uploader.journal.add_claim(f"users_log{index}.csv", Path(f"/drop/users_log{index}.csv"),
+                                             uploader.config.spool_dir)
+        Path(claimed.local_path).write_bytes(data)
+        records.append(uploader.journal.update(
+            claimed.id, state=FileState.QUEUED, size=len(data), sha256=hashlib.sha256(data).hexdigest(),
+            import_type="users", remote_name=f"users_log{index}_20261201T120000000Z_{index:08x}.csv"))
+    return records
+
+
+@pytest.mark.parametrize("archive_usable", [True, False], ids=["archived", "archive unusable"])
+def test_a_file_archived_as_it_is_published_gets_one_line_for_both(
+        make_uploader: Callable[..., Uploader], sshd_server: SshdServer, archive_usable: bool) -> None:
+    uploader = make_uploader()
+    records = queued_batch(uploader, 3)
+    if not archive_usable:  # a file where the archive folder should be: filing fails after the publish
+        shutil.rmtree(uploader.config.paths.archive)
+        uploader.config.paths.archive.write_text("not a folder\n")
+    lines: list[str] = []
+    sink = logger.add(lambda message: lines.append(message.record["message"]), level="INFO")
+    try:
+        done = uploader.process_batch(records)
+    finally:
+        logger.remove(sink)
+    assert len(remote_files(sshd_server.local_remote_dir)) == 3  # published either way
+    for record in records:
+        about = [line for line in lines if f"#{record.id} " in line and "uploaded as" in line]
+        assert len(about) == 1, lines  # one line says the upload, whatever happens to the filing
+        assert ("archived to" in about[0]) is archive_usable, about
+        assert re.search(r"uploaded as \S+ \(\d+ bytes in [\d.]+ s, 3 sent together\)", about[0]), about
+    assert {record.state for record in done} == {FileState.ARCHIVED if archive_usable else FileState.UPLOADED}

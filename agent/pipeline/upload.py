@@ -376,16 +376,17 @@ class Uploader:
             else:
                 upload.error, upload.step = error, "rename"
         elapsed = time.monotonic() - started
+        uploaded: dict[int, str] = {}  # file id -> what its log line says of the upload
         for upload in published:
             record = rows[upload.file_id]
             resumed = (f", resumed at byte {upload.resume_from}: {upload.wrote} bytes sent"
                        if upload.resume_from else "")
-            logger.bind(**file_fields(record) | {"state": FileState.UPLOADED.value}).info(
-                "{} uploaded as {} ({} bytes in {:.2f} s{}{})", record.label, upload.final, record.size,
-                elapsed, f", {len(uploads)} sent together" if len(uploads) > 1 else "", resumed)
+            together = f", {len(uploads)} sent together" if len(uploads) > 1 else ""
+            uploaded[record.id] = (f"uploaded as {upload.final} ({record.size} bytes in {elapsed:.2f} s"
+                                   f"{together}{resumed})")
             self._on_published(record, elapsed / len(published))  # each file's share of the batch's time
         self._finish([(rows[upload.file_id], f"published as {upload.final}") for upload in published],
-                     results)
+                     results, uploaded)
         for upload in uploads:
             if upload.file_id not in results:
                 with logger.contextualize(file_id=upload.file_id, file=rows[upload.file_id].name):
@@ -463,26 +464,47 @@ class Uploader:
         self.heartbeat()
         self._check_stop()
 
-    def _finish(self, published: list[tuple[FileRecord, str]], results: dict[int, FileRecord]) -> None:
+    def _finish(self, published: list[tuple[FileRecord, str]], results: dict[int, FileRecord],
+                uploaded: dict[int, str] | None = None) -> None:
         """Record files as uploaded; with no status tracking, together with the archive intent (one
-        commit), then file them (recovery finishes a move a crash cut short: resume_move)."""
+        commit), then file them (recovery finishes a move a crash cut short: resume_move).
+
+        `uploaded`: what each file's "uploaded as" line says (the files just sent). A file archived
+        right away gets one line for both steps (a burst of small files: one log line fewer per
+        file); otherwise that line is logged as the upload is recorded.
+        """
         if not published:
             return
+        uploaded = dict(uploaded or {})
         done: dict[str, Any] = {"state": FileState.UPLOADED, "error": None}
         if not self._archive_on_publish:
             for record in self.journal.update_many([(record.id, message, done)
                                                     for record, message in published]):
+                self._say_uploaded(record, uploaded)
                 with logger.contextualize(file_id=record.id, file=record.name):
                     results[record.id] = self._after_upload(record)
             return
-        destinations = self.filer.archive_destinations([record for record, _message in published])
-        batch = self.journal.update_many([
-            (record.id, message, {**done, "pending_path": dest, "pending_state": FileState.ARCHIVED})
-            for (record, message), dest in zip(published, destinations, strict=True)])
-        for record in self.filer.finish_moves(batch):
-            logger.bind(**file_fields(record)).info("{} archived to {}", record.label, record.local_path)
-            with logger.contextualize(file_id=record.id, file=record.name):
-                results[record.id] = self._after_archive(record)
+        try:
+            destinations = self.filer.archive_destinations([record for record, _message in published])
+            batch = self.journal.update_many([
+                (record.id, message, {**done, "pending_path": dest, "pending_state": FileState.ARCHIVED})
+                for (record, message), dest in zip(published, destinations, strict=True)])
+            for record in self.filer.finish_moves(batch):
+                words = uploaded.pop(record.id, None)
+                logger.bind(**file_fields(record)).info("{} {}archived to {}", record.label,
+                                                        f"{words}; " if words else "", record.local_path)
+                with logger.contextualize(file_id=record.id, file=record.name):
+                    results[record.id] = self._after_archive(record)
+        finally:  # not archived now (the fault is handled by the caller): the upload has its own line
+            for record, _message in published:
+                self._say_uploaded(record, uploaded)
+
+    @staticmethod
+    def _say_uploaded(record: FileRecord, uploaded: dict[int, str]) -> None:
+        words = uploaded.pop(record.id, None)
+        if words is not None:
+            logger.bind(**file_fields(record) | {"state": FileState.UPLOADED.value}).info(
+                "{} {}", record.label, words)
 
     def _not_published(self, sftp: paramiko.SFTPClient, upload: publish.Upload) -> FileRecord:
         """What happens to a file the protocol did not publish: checked again, refused, or retried."""
