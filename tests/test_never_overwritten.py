@@ -2,21 +2,27 @@
 
 Each test ends with `assert_each_input_once`: every input's bytes exist exactly once locally (spool,
 archive/ or failed/; a .gz counts as its content) and, when it was valid, exactly once on the server.
+The last test drives the Uploader in-process (an archive name taken by another writer between its
+choice and the move) and checks the same of the files it archives.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import random
 import shutil
 import sqlite3
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from agent.pipeline.upload import Uploader
+from agent.store.journal import FileRecord, FileState
 from tests.helpers.agent_env import AgentEnv, wait_until
 from tests.helpers.sshd import SshdServer
 
@@ -268,3 +274,53 @@ def test_kill_9_during_claims_archive_compress_and_failed_moves(env: AgentEnv,
                            list(refused.values()), message)
     assert not [p for p in (env.state / "spool").iterdir()], message
     print(message)
+
+
+def queued(uploader: Uploader, tags: list[str]) -> list[FileRecord]:
+    """Small users files named users_same.csv (all of them), checked and queued as intake leaves them."""
+    records = []
+    for index, tag in enumerate(tags):
+        data = users_csv(2, tag)
+        claimed = uploader.journal.add_claim("users_same.csv", Path("/drop/users_same.csv"),
+                                             uploader.config.spool_dir)
+        Path(claimed.local_path).write_bytes(data)
+        records.append(uploader.journal.update(
+            claimed.id, state=FileState.QUEUED, size=len(data), sha256=hashlib.sha256(data).hexdigest(),
+            import_type="users", remote_name=f"users_same_20261201T120000000Z_{index:08x}.csv"))
+    return records
+
+
+@pytest.mark.parametrize("how", ["batch", "after a crash"])
+def test_a_name_taken_in_archive_after_it_was_chosen_is_left_alone(
+        make_uploader: Callable[..., Uploader], sshd_server: SshdServer, how: str) -> None:
+    """Another writer puts a file at an archive destination between its choice and the move: that
+    file stays as it is, and ours is archived under the next free name, not stuck in the spool."""
+    uploader = make_uploader()
+    intruder = b"another writer's file\n"
+    records = queued(uploader, ["a", "b"])
+    if how == "batch":
+        choose = uploader.filer.archive_destinations
+
+        def chosen_then_taken(batch: list[FileRecord]) -> list[Path]:
+            destinations = choose(batch)
+            destinations[0].parent.mkdir(parents=True, exist_ok=True)
+            destinations[0].write_bytes(intruder)  # after the choice, before the move
+            return destinations
+
+        uploader.filer.archive_destinations = chosen_then_taken  # type: ignore[method-assign]
+        done = uploader.process_batch(records)
+    else:  # published, its archive intent committed, then a crash; the name is taken meanwhile
+        [dest] = uploader.filer.archive_destinations(records[:1])
+        record = uploader.journal.update(records[0].id, state=FileState.UPLOADED, pending_path=dest,
+                                         pending_state=FileState.ARCHIVED)
+        uploader.filer._release(dest)  # a new process: nothing reserved
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(intruder)
+        done = [uploader.process(record), uploader.process(records[1])]
+    assert [record.state for record in done] == [FileState.ARCHIVED, FileState.ARCHIVED]
+    archived = {Path(record.local_path) for record in done}
+    taken = uploader.config.paths.archive.rglob("users_same.csv")
+    [first] = list(taken)
+    assert first.read_bytes() == intruder and first not in archived  # left as it is
+    assert sorted(path.read_bytes() for path in archived) == sorted([users_csv(2, "a"), users_csv(2, "b")])
+    assert not any(uploader.config.spool_dir.iterdir())

@@ -216,7 +216,30 @@ class Filer:
         return done
 
     def finish_move(self, record: FileRecord) -> FileRecord:
-        """Do the move the journal holds as an intent, then record it as done."""
+        """Do the move the journal holds as an intent, then record it as done. When another writer
+        put something at an archive destination after it was chosen, the file is archived under the
+        next free name (`_rename_intent`); what is there stays."""
+        try:
+            return self._finish_move(record)
+        except FileExistsError:
+            if record.pending_state != FileState.ARCHIVED:
+                raise
+            return self._finish_move(self._rename_intent(record))
+
+    def _rename_intent(self, record: FileRecord) -> FileRecord:
+        """The row's archive intent moved to the next free name of its folder (committed first)."""
+        taken = Path(str(record.pending_path))
+        self._release(taken)
+        dest = self._reserve(taken.parent, record.name, str(record.id))
+        logger.bind(**file_fields(record)).warning(
+            "{}: {} appeared in {} after it was chosen as this file's archive name (not written by the"
+            " agent; left as it is); archiving the file as {} instead", record.label, taken.name,
+            taken.parent, dest.name)
+        return self.journal.update(record.id, pending_path=dest,
+                                   message=f"{taken} was taken by another writer; archiving as {dest.name}")
+
+    def _finish_move(self, record: FileRecord) -> FileRecord:
+        """The move of the row's intent, then its record (FileExistsError: the destination is taken)."""
         assert record.pending_path and record.pending_state
         source = Path(record.local_path)
         in_split = source.parent.parent == self.config.spool_dir and source.parent.name.startswith("split-")
@@ -249,6 +272,10 @@ class Filer:
         errors = durable_moves(moves)
         moved = [(record, dest) for record, (_source, dest), error in zip(batch, moves, errors, strict=True)
                  if error is None]
+        for index, (record, error) in enumerate(zip(batch, errors, strict=True)):
+            if isinstance(error, FileExistsError) and record.pending_state == FileState.ARCHIVED:
+                done[record.id] = self._finish_move(self._rename_intent(record))  # the next free name
+                errors[index] = None
         done.update((record.id, record) for record in self.journal.update_many([
             (record.id, move_message(record), {"state": FileState(str(record.pending_state)),
                                "local_path": record.pending_path, "pending_path": None,
