@@ -8,7 +8,6 @@ never losing or doubling a file of the batch.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -22,8 +21,9 @@ from loguru import logger
 
 from agent.ops.sandbox import SandboxServer
 from agent.pipeline.upload import BATCH_FILE_MAX_BYTES, Uploader
-from agent.store.journal import FileRecord, FileState
+from agent.store.journal import FileState
 from tests.helpers.agent_env import AgentEnv, sandbox_env, wait_until
+from tests.helpers.queued import queue_files
 from tests.helpers.sshd import SshdServer
 from tests.helpers.tcp_proxy import TcpProxy
 
@@ -271,25 +271,11 @@ def test_connection_cut_after_a_batch_was_renamed_but_not_told(proxied_env: Agen
     assert_delivered_once(env, remote, inputs, log)
 
 
-def queued_batch(uploader: Uploader, count: int) -> list[FileRecord]:
-    """`count` small users files, checked and queued as intake leaves them."""
-    records = []
-    for index in range(count):
-        data = users_csv(2, f"log{index}")
-        claimed = uploader.journal.add_claim(f"users_log{index}.csv", Path(f"/drop/users_log{index}.csv"),
-                                             uploader.config.spool_dir)
-        Path(claimed.local_path).write_bytes(data)
-        records.append(uploader.journal.update(
-            claimed.id, state=FileState.QUEUED, size=len(data), sha256=hashlib.sha256(data).hexdigest(),
-            import_type="users", remote_name=f"users_log{index}_20261201T120000000Z_{index:08x}.csv"))
-    return records
-
-
 @pytest.mark.parametrize("archive_usable", [True, False], ids=["archived", "archive unusable"])
 def test_a_file_archived_as_it_is_published_gets_one_line_for_both(
         make_uploader: Callable[..., Uploader], sshd_server: SshdServer, archive_usable: bool) -> None:
     uploader = make_uploader()
-    records = queued_batch(uploader, 3)
+    records = queue_files(uploader, [(f"users_log{i}.csv", users_csv(2, f"log{i}")) for i in range(3)])
     if not archive_usable:  # a file where the archive folder should be: filing fails after the publish
         shutil.rmtree(uploader.config.paths.archive)
         uploader.config.paths.archive.write_text("not a folder\n")

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -74,12 +75,8 @@ class CountingUploader(Uploader):
         return self.journal.update(record.id, state=FileState.ARCHIVED)
 
 
-@pytest.mark.timeout(60)
-def test_four_workers_process_every_file_exactly_once(tmp_path: Path) -> None:
-    config = make_config(tmp_path)
-    journal = queued_journal(tmp_path, 60)
-    uploader = CountingUploader(config, journal)
-    worker = UploadWorker(uploader, journal, concurrency=4)
+def drain(worker: UploadWorker, journal: Journal) -> None:
+    """Start the worker, wait (bounded) until nothing is queued, stop it."""
     worker.start()
     try:
         deadline = time.monotonic() + TIMEOUT
@@ -87,6 +84,15 @@ def test_four_workers_process_every_file_exactly_once(tmp_path: Path) -> None:
             time.sleep(0.02)
     finally:
         assert worker.stop(TIMEOUT)
+
+
+@pytest.mark.timeout(60)
+def test_four_workers_process_every_file_exactly_once(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    journal = queued_journal(tmp_path, 60)
+    uploader = CountingUploader(config, journal)
+    worker = UploadWorker(uploader, journal, concurrency=4)
+    drain(worker, journal)
     counts = Counter(file_id for file_id, _thread in uploader.seen)
     assert sorted(counts) == list(range(1, 61))
     assert set(counts.values()) == {1}, [i for i, n in counts.items() if n > 1]
@@ -149,13 +155,7 @@ def test_small_files_go_through_one_thread_only_on_a_near_server(tmp_path: Path,
     journal = queued_journal(tmp_path, 120)
     uploader = BatchRecorder(config, journal, meet=not near)
     worker = UploadWorker(uploader, journal, concurrency=4, sessions=FixedDistancePool(config, near))
-    worker.start()
-    try:
-        deadline = time.monotonic() + TIMEOUT
-        while journal.count_in((FileState.QUEUED,)) and time.monotonic() < deadline:
-            time.sleep(0.02)
-    finally:
-        assert worker.stop(TIMEOUT)
+    drain(worker, journal)
     sent = Counter(file_id for batch in uploader.batches for file_id in batch)
     assert sorted(sent) == list(range(1, 121)) and set(sent.values()) == {1}  # each file once
     assert len(uploader.batches) >= 30
@@ -181,15 +181,7 @@ def test_run_once_tells_a_near_server_from_a_far_one(sshd_server: SshdServer, ss
                        extra=extra)
     else:
         env = AgentEnv.for_sshd(tmp_path / "agent", sshd_server, settle_seconds=0, extra=extra)
-    payloads = {f"users_n{i:03d}.csv": f"accountId,id,email\nacct-{i},u{i},u{i}@example.com\n".encode()
-                for i in range(80)}
-    for name, data in payloads.items():
-        env.drop_atomically(name, data)
-    result = env.run_once()
-    assert result.returncode == 0, result.stderr[-3000:]
-    remote = [p.read_bytes() for p in sshd_server.local_remote_dir.iterdir() if p.is_file()]
-    assert sorted(remote) == sorted(payloads.values())  # each once, and no temporary left behind
-    assert sorted(p.read_bytes() for p in env.archived_files()) == sorted(payloads.values())
+    result = run_once_delivering_each_once(env, sshd_server, "users_n", 80)
     said_near = "small files go over one connection at a time" in result.stderr
     assert said_near == (delay_ms == 0), result.stderr[-3000:]
 
@@ -260,20 +252,27 @@ def test_batched_queue_refuses_content_sent_recently(tmp_path: Path) -> None:
         journal.close()
 
 
+def run_once_delivering_each_once(env: AgentEnv, server: SshdServer, prefix: str,
+                                  count: int) -> subprocess.CompletedProcess[str]:
+    """`count` small files dropped, then `run --once`: each on the server once, each archived."""
+    payloads = {f"{prefix}{i:03d}.csv": f"accountId,id,email\nacct-{i},u{i},u{i}@example.com\n".encode()
+                for i in range(count)}
+    for name, data in payloads.items():
+        env.drop_atomically(name, data)
+    result = env.run_once()
+    assert result.returncode == 0, result.stderr[-3000:]
+    remote = [p.read_bytes() for p in server.local_remote_dir.iterdir() if p.is_file()]
+    assert sorted(remote) == sorted(payloads.values())  # each once, and no temporary left behind
+    assert sorted(p.read_bytes() for p in env.archived_files()) == sorted(payloads.values())
+    return result
+
+
 @pytest.mark.timeout(90)
 def test_run_once_with_three_upload_threads_sends_each_file_once(sshd_server: SshdServer,
                                                                  tmp_path: Path) -> None:
     env = AgentEnv.for_sshd(tmp_path / "agent", sshd_server, settle_seconds=0,
                             extra="[upload]\nconcurrency = 3\n")
-    payloads = {f"users_c{i:02d}.csv": f"accountId,id,email\nacct-{i},u{i},u{i}@example.com\n".encode()
-                for i in range(24)}
-    for name, data in payloads.items():
-        env.drop_atomically(name, data)
-    result = env.run_once()
-    assert result.returncode == 0, result.stderr[-3000:]
-    remote = [p.read_bytes() for p in sshd_server.local_remote_dir.iterdir() if p.is_file()]
-    assert sorted(remote) == sorted(payloads.values())  # each once, and no temporary left behind
-    assert sorted(p.read_bytes() for p in env.archived_files()) == sorted(payloads.values())
+    result = run_once_delivering_each_once(env, sshd_server, "users_c", 24)
     assert 1 <= result.stderr.count("connected to") <= 3
 
 

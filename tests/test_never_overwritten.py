@@ -9,7 +9,6 @@ choice and the move) and checks the same of the files it archives.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import os
 import random
 import shutil
@@ -24,6 +23,7 @@ import pytest
 from agent.pipeline.upload import Uploader
 from agent.store.journal import FileRecord, FileState
 from tests.helpers.agent_env import AgentEnv, wait_until
+from tests.helpers.queued import queue_files
 from tests.helpers.sshd import SshdServer
 
 SIDE = (".reason.txt", ".errors.csv")
@@ -276,20 +276,6 @@ def test_kill_9_during_claims_archive_compress_and_failed_moves(env: AgentEnv,
     print(message)
 
 
-def queued(uploader: Uploader, tags: list[str]) -> list[FileRecord]:
-    """Small users files named users_same.csv (all of them), checked and queued as intake leaves them."""
-    records = []
-    for index, tag in enumerate(tags):
-        data = users_csv(2, tag)
-        claimed = uploader.journal.add_claim("users_same.csv", Path("/drop/users_same.csv"),
-                                             uploader.config.spool_dir)
-        Path(claimed.local_path).write_bytes(data)
-        records.append(uploader.journal.update(
-            claimed.id, state=FileState.QUEUED, size=len(data), sha256=hashlib.sha256(data).hexdigest(),
-            import_type="users", remote_name=f"users_same_20261201T120000000Z_{index:08x}.csv"))
-    return records
-
-
 @pytest.mark.parametrize("how", ["batch", "after a crash"])
 def test_a_name_taken_in_archive_after_it_was_chosen_is_left_alone(
         make_uploader: Callable[..., Uploader], sshd_server: SshdServer, how: str) -> None:
@@ -297,7 +283,7 @@ def test_a_name_taken_in_archive_after_it_was_chosen_is_left_alone(
     file stays as it is, and ours is archived under the next free name, not stuck in the spool."""
     uploader = make_uploader()
     intruder = b"another writer's file\n"
-    records = queued(uploader, ["a", "b"])
+    records = queue_files(uploader, [("users_same.csv", users_csv(2, tag)) for tag in "ab"])
     if how == "batch":
         choose = uploader.filer.archive_destinations
 

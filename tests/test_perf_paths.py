@@ -100,13 +100,16 @@ def test_transport_offers_secure_algorithms_only() -> None:
         right.close()
 
 
+def sshd_session(server: SshdServer) -> SftpSession:
+    return SftpSession(SftpConfig(
+        host=server.host, port=server.port, username=server.username,
+        private_key=server.user_key_path, known_hosts=server.known_hosts_path, remote_dir=server.remote_dir,
+    ))
+
+
 @pytest.mark.timeout(60)
 def test_real_sshd_negotiates_aes_gcm(sshd_server: SshdServer) -> None:
-    session = SftpSession(SftpConfig(
-        host=sshd_server.host, port=sshd_server.port, username=sshd_server.username,
-        private_key=sshd_server.user_key_path, known_hosts=sshd_server.known_hosts_path,
-        remote_dir=sshd_server.remote_dir,
-    ))
+    session = sshd_session(sshd_server)
     try:
         sftp = session.client()
         channel = sftp.get_channel()
@@ -251,11 +254,7 @@ def test_a_batch_of_remote_names_is_looked_up_in_one_query(tmp_path: Path) -> No
 @pytest.mark.parametrize("files", [1, 24])
 def test_a_batch_writes_in_runs_and_reads_every_status(sshd_server: SshdServer, tmp_path: Path,
                                                        files: int) -> None:
-    session = SftpSession(SftpConfig(
-        host=sshd_server.host, port=sshd_server.port, username=sshd_server.username,
-        private_key=sshd_server.user_key_path, known_hosts=sshd_server.known_hosts_path,
-        remote_dir=sshd_server.remote_dir,
-    ))
+    session = sshd_session(sshd_server)
     try:
         sftp = session.client()
         uploads = []
