@@ -5,7 +5,8 @@
 - run --once's idle check is one COUNT query;
 - the SSH transport offers only secure algorithms, AES-GCM first, and a real sshd agrees to it;
 - a batch's WRITEs go to the channel in a few runs, not one SSH packet per file, every status read;
-- a batch's rows returned with the changes applied (not read back) are the rows the journal holds.
+- a batch's rows returned with the changes applied (not read back) are the rows the journal holds;
+- an exchange inside a corked block sends what the block holds too (nothing held is dropped).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import pytest
 
 from agent.config import SftpConfig
 from agent.store.journal import ACTIVE_STATES, FileState, Journal
-from agent.transport import publish
+from agent.transport import pipelining, publish
 from agent.transport.sftp import PREFERRED_CIPHERS, TRANSPORT_WINDOW, SftpSession, make_transport
 from tests.helpers.sshd import SshdServer
 
@@ -303,3 +304,25 @@ def test_rows_returned_with_the_changes_applied_are_the_rows_read_back(tmp_path:
             journal.update_many(changes[:1], known={})
     finally:
         journal.close()
+
+
+@pytest.mark.timeout(60)
+def test_an_exchange_inside_a_corked_block_sends_what_it_holds(sshd_server: SshdServer) -> None:
+    session = sshd_session(sshd_server)
+    try:
+        sftp = session.client()
+        assert isinstance(sftp, pipelining.PipelinedSFTPClient)
+        held = pipelining.ReplyCollector()
+        with sftp.corked():
+            number = sftp._async_request(held, paramiko.sftp.CMD_STAT, sshd_server.remote_dir)
+            [reply] = pipelining.exchange(sftp, [(paramiko.sftp.CMD_STAT, (sshd_server.remote_dir,))])
+            assert reply.error is None
+        deadline = time.monotonic() + 5
+        while number not in held.by_number and time.monotonic() < deadline:  # the held request's reply
+            if sftp.response_ready():
+                sftp._read_response()
+            else:
+                time.sleep(0.01)
+        assert number in held.by_number
+    finally:
+        session.close()

@@ -118,13 +118,18 @@ class PipelinedSFTPClient(paramiko.SFTPClient):  # type: ignore[misc]
     @contextlib.contextmanager
     def corked(self) -> Iterator[None]:
         """Requests made in this block go out in runs; the last run when it ends (not if it raises:
-        the caller then drops the connection, as after any fault mid-exchange)."""
-        self._held, self._held_bytes = [], 0
+        the caller then drops the connection, as after any fault mid-exchange). Inside another
+        corked block (an exchange while a batch's WRITEs are held) it sends what is held when it
+        ends and leaves the outer block corked."""
+        outer = self._held is not None
+        if not outer:
+            self._held, self._held_bytes = [], 0
         try:
             yield
             self._flush()
         finally:
-            self._held = None
+            if not outer:
+                self._held = None
 
 
 class ReplyCollector:
