@@ -17,9 +17,13 @@ import pytest
 
 from agent.imports.types import FileFormat, ImportType
 from agent.intake.check_process import CheckProcess, CheckProcessError, CheckRequest
+from agent.intake.claim import Intake
+from agent.intake.watch import DropScanner
 from agent.pipeline.upload import Uploader
-from agent.store.journal import FileState
+from agent.store.archive import Filer
+from agent.store.journal import FileState, Journal
 from tests.helpers.agent_env import AgentEnv, wait_until
+from tests.helpers.configs import make_config
 from tests.helpers.sshd import SshdServer
 from tests.test_integrity import FinalNameWatcher, assert_delivered, sha, users_csv
 
@@ -88,6 +92,32 @@ def test_two_large_files_with_the_same_bytes_are_published_once(sshd_server: Ssh
     [sent] = [name for name, state in states.items() if state == "archived"]
     assert "same content" in (env.failed / f"{refused}.reason.txt").read_text()
     assert_delivered(env, sshd_server.local_remote_dir, {sent: data}, {refused: data})
+
+
+def test_a_duplicates_bytes_are_discarded_before_it_is_filed(tmp_path: Path) -> None:
+    """What was sent of a duplicate is removed while its row is still `uploading`: a crash between
+    the two checks it again; a crash after the filing would have left the bytes on the server."""
+    config = make_config(tmp_path, folders=True)
+    journal = Journal(config.journal_path)
+    intake = Intake(config, journal, Filer(config, journal), DropScanner(config.paths.drop, []), lambda: None)
+    data = users_csv(2_000, "same")
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        first = journal.add_claim("users_first.csv", config.paths.drop / "users_first.csv", config.spool_dir)
+        journal.update(first.id, state=FileState.QUEUED, size=len(data), sha256=digest, import_type="users",
+                       remote_name="users_first_20261201T120000000Z_00000001.csv")
+        record = journal.add_claim("users_again.csv", config.paths.drop / "users_again.csv", config.spool_dir)
+        Path(record.local_path).write_bytes(data)
+        record = journal.update(record.id, state=FileState.UPLOADING, size=len(data), import_type="users")
+        report = intake.begin(record).result(lambda: None)
+        seen: list[FileState] = []  # the row's state when the bytes were discarded
+        concluded = intake.conclude(record, report, discard=lambda: seen.append(journal.get(record.id).state))
+        assert concluded is None
+        assert seen == [FileState.UPLOADING]
+        assert journal.get(record.id).state == FileState.FAILED
+        assert "same content" in (config.paths.failed / "users_again.csv.reason.txt").read_text()
+    finally:
+        journal.close()
 
 
 def test_kill_during_a_checked_while_sent_upload_resumes_and_publishes_once(sshd_server: SshdServer,

@@ -241,10 +241,13 @@ class Intake:
         return CheckProcess(CheckRequest(record.local_path, ImportType(record.import_type), fmt,
                                          limits.max_file_bytes, limits.max_records))
 
-    def conclude(self, record: FileRecord, report: ValidationReport) -> FileRecord | None:
+    def conclude(self, record: FileRecord, report: ValidationReport,
+                 discard: Callable[[], None]) -> FileRecord | None:
         """The rules' verdict on a file checked while it was sent, as `_check` gives it for any other
         file. Returns the row with its findings and remote name committed (its state unchanged: the
-        uploader renames next), or None when the file was filed instead (refused, split, duplicate)."""
+        uploader renames next), or None when the file was filed instead (refused, split, duplicate).
+        `discard` removes what was sent of a duplicate before it is filed (a crash in between checks
+        it again); the uploader removes a refused or split file's bytes before asking."""
         with logger.contextualize(file_id=record.id, file=record.name):
             subfolder = subfolder_of(Path(record.source_path), self.config.paths.drop)
             verdict = admit(record.local_path, record.name, subfolder, None, self.config.imports,
@@ -252,13 +255,16 @@ class Intake:
             ready: list[_Ready] = []
             self._decide(record, verdict, int(record.size or report.bytes), str(verdict.sha256), ready)
             with self._admitting:
-                ready = self._refuse_duplicates(ready)
-                if not ready:
-                    return None
-                item = ready[0]
-                return self.journal.update(record.id, f"checked while it was sent; to be published as"
-                                           f" {item.remote_name}", **item.checked,
-                                           remote_name=item.remote_name)
+                keep, duplicates = self._duplicates(ready)
+                if keep:
+                    item = keep[0]
+                    return self.journal.update(record.id, f"checked while it was sent; to be published as"
+                                               f" {item.remote_name}", **item.checked,
+                                               remote_name=item.remote_name)
+            if duplicates:  # outside the lock: the removal is a round trip to the server
+                discard()
+                self._file_duplicates(duplicates)
+            return None
 
     def _unreadable(self, record: FileRecord, exc: Exception) -> FileRecord:
         if isinstance(exc, _NotRegular):
@@ -287,30 +293,41 @@ class Intake:
 
     def _refuse_duplicates(self, ready: list[_Ready]) -> list[_Ready]:
         """File to failed/ each checked file whose content and type another file not refused already
-        has (queued, being sent, sent, or earlier in this batch) within imports.duplicate_window_days,
-        unless `retry` forced it; the others, to be queued."""
+        has (`_duplicates`); the others, to be queued."""
+        keep, duplicates = self._duplicates(ready)
+        self._file_duplicates(duplicates)
+        return keep
+
+    def _file_duplicates(self, duplicates: list[tuple[_Ready, str]]) -> None:
+        for item, reason in duplicates:
+            with logger.contextualize(file_id=item.record.id, file=item.record.name):
+                record = self.journal.update(item.record.id, **item.checked)
+                self.filer.quarantine(record, reason)
+
+    def _duplicates(self, ready: list[_Ready]) -> tuple[list[_Ready], list[tuple[_Ready, str]]]:
+        """The checked files to queue, and those (with the reason) whose content and type another
+        file not refused already has (queued, being sent, sent, or earlier in this batch) within
+        imports.duplicate_window_days, unless `retry` forced it."""
         window = self.config.imports.duplicate_window_days
         keys = [None if item.record.force_resend or item.record.sha256 is None  # checked while sent
                 else (str(item.record.sha256), str(item.record.import_type)) for item in ready]
         if window <= 0 or not any(keys):
-            return ready
+            return ready, []
         since = iso_utc(datetime.now(UTC) - timedelta(days=window))
         earlier = self.journal.find_duplicates({key for key in keys if key is not None}, since,
                                                exclude={item.record.id for item in ready})
         first: dict[tuple[str, str], tuple[FileRecord, str]] = {
             key: (record, str(record.remote_name)) for key, record in earlier.items()}
-        keep = []
+        keep, duplicates = [], []
         for item, key in zip(ready, keys, strict=True):
             taken = first.get(key) if key is not None else None
             if taken is None:
                 if key is not None:
                     first[key] = (item.record, str(item.remote_name))  # later copies in this batch
                 keep.append(item)
-                continue
-            with logger.contextualize(file_id=item.record.id, file=item.record.name):
-                record = self.journal.update(item.record.id, **item.checked)
-                self.filer.quarantine(record, duplicate_reason(record, *taken, window))
-        return keep
+            else:
+                duplicates.append((item, duplicate_reason(item.record, *taken, window)))
+        return keep, duplicates
 
     def _split(self, record: FileRecord, fmt: FileFormat) -> FileRecord:
         """Cut a valid, oversized file into parts; each part becomes a file of its own.

@@ -17,6 +17,7 @@ temporary file is removed and it goes back to intake to be checked again once it
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import posixpath
@@ -129,7 +130,8 @@ class CheckWhileSending(Protocol):
 
     def begin(self, record: FileRecord) -> PendingCheck: ...
 
-    def conclude(self, record: FileRecord, report: ValidationReport) -> FileRecord | None: ...
+    def conclude(self, record: FileRecord, report: ValidationReport,
+                 discard: Callable[[], None]) -> FileRecord | None: ...
 
 
 def backoff_delay(attempts: int, initial: float, cap: float) -> float:
@@ -441,10 +443,9 @@ class Uploader:
                 doomed = not report.ok or report.over_limits  # refused or split: these bytes never go
                 if doomed:  # removed before the file is filed: a crash in between sends and checks again
                     _remove_temporary(sftp, upload)
-                concluded = self._check_while_sending.conclude(record, report)
+                concluded = self._check_while_sending.conclude(  # `discard`: a duplicate's bytes
+                    record, report, discard=functools.partial(_remove_temporary, sftp, upload))
                 if concluded is None:  # refused, split or a duplicate: filed by intake, never renamed
-                    if not doomed:  # a duplicate
-                        _remove_temporary(sftp, upload)
                     results[record.id] = self.journal.get(record.id)
                     continue
                 if concluded.sha256 != sent:
