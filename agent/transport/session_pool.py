@@ -155,22 +155,23 @@ class SessionPool:
             return min(self._quickest_replies.values(), default=math.inf) < NEAR_REPLY_SECONDS
 
     def release(self, session: SftpSession) -> None:
+        """Take a session back, with what its connection measured of the round trip."""
         quickest = session.quickest_reply
         with self._cond:
             self._quickest_replies[session] = quickest
             say_near = quickest < NEAR_REPLY_SECONDS and not self._near_said
             self._near_said = self._near_said or say_near
+            self._lent -= 1
+            self._lent_up.discard(session)
+            kept = not self.closed
+            if kept:
+                self._free.append(session)
+                self._cond.notify_all()
         if say_near:
             logger.info("the server answers within {:.1f} ms: small files go over one connection at a"
                         " time (more would only compete for this machine's CPU)", quickest * 1000)
-        with self._cond:
-            self._lent -= 1
-            self._lent_up.discard(session)
-            if not self.closed:
-                self._free.append(session)
-                self._cond.notify_all()
-                return
-        session.close()  # lent out when the pool closed: closed by the thread that had it
+        if not kept:
+            session.close()  # lent out when the pool closed: closed by the thread that had it
 
     def close(self) -> None:
         """Close the free sessions now, and each lent one when it is given back (a thread stuck in
