@@ -94,24 +94,38 @@ def main() -> int:
     parser.add_argument("--phase", choices=("intake", "finish", "both"), default="both",
                         help="run only this phase's loop under --runs (for an outside sampler: py-spy)")
     args = parser.parse_args()
-    log = open(os.devnull, "w")  # noqa: SIM115 - the log lines are formatted and written, not kept
-    sys.stderr = log
-    from agent.config import LogConfig
-
-    setup_logging(LogConfig(level=os.environ.get("BENCH_LOG_LEVEL", "INFO")))  # WARNING: what INFO lines cost
-    sys.stderr = sys.__stderr__
+    log_to_nowhere()
     with tempfile.TemporaryDirectory(prefix="intake-cpu-") as tmp:
         if args.profile:
             profile = cProfile.Profile()
             one_run(Path(tmp) / "run", args.files, profile)
-            stats = pstats.Stats(profile).sort_stats(os.environ.get("SORT", "tottime"))
-            stats.print_stats(int(os.environ.get("TOP", "40")))
+            print_profile(profile)
             return 0
         costs = [one_run(Path(tmp) / "run", args.files, None) for _ in range(args.runs)]
-    for index, what in enumerate(("intake", "finish")):
-        print(f"{what} CPU per file (us): " + " ".join(f"{cost[index] * 1e6:.0f}" for cost in costs)
-              + f"; min {min(cost[index] for cost in costs) * 1e6:.0f}")
+    print_costs(costs, ("intake", "finish"))
     return 0
+
+
+def log_to_nowhere() -> None:
+    """The agent's logging as configured (BENCH_LOG_LEVEL, default INFO; WARNING shows what the INFO
+    lines cost): each line formatted and written, to /dev/null."""
+    from agent.config import LogConfig
+
+    sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - the log lines are formatted and written, not kept
+    setup_logging(LogConfig(level=os.environ.get("BENCH_LOG_LEVEL", "INFO")))
+    sys.stderr = sys.__stderr__
+
+
+def print_profile(profile: cProfile.Profile) -> None:
+    stats = pstats.Stats(profile).sort_stats(os.environ.get("SORT", "tottime"))
+    stats.print_stats(int(os.environ.get("TOP", "40")))
+
+
+def print_costs(costs: list[tuple[float, float]], what: tuple[str, str]) -> None:
+    """Each measured part's CPU per file of every run, and the least of them."""
+    for index, part in enumerate(what):
+        print(f"{part} CPU per file (us): " + " ".join(f"{cost[index] * 1e6:.0f}" for cost in costs)
+              + f"; min {min(cost[index] for cost in costs) * 1e6:.0f}")
 
 
 if __name__ == "__main__":

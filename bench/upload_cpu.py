@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import os
-import pstats
 import sys
 import tempfile
 import time
@@ -21,11 +20,10 @@ if os.environ.get("AGENT_ROOT"):  # the `agent` package of another tree (e.g. `g
     sys.path.insert(0, os.environ["AGENT_ROOT"])
 
 from agent.intake.settle import CLAIM_BATCH
-from agent.logs import setup_logging
 from agent.pipeline.upload import Uploader
 from agent.store.journal import FileState
 from agent.transport.sftp import SftpSession
-from bench.intake_cpu import burst_setup
+from bench.intake_cpu import burst_setup, log_to_nowhere, print_costs, print_profile
 from tests.helpers.sshd import SshdServer
 
 
@@ -64,22 +62,15 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
-    sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - the log lines are formatted and written, not kept
-    from agent.config import LogConfig
-
-    setup_logging(LogConfig(level=os.environ.get("BENCH_LOG_LEVEL", "INFO")))  # WARNING: what INFO lines cost
-    sys.stderr = sys.__stderr__
+    log_to_nowhere()
     with SshdServer(log_level="ERROR") as server, tempfile.TemporaryDirectory(prefix="upload-cpu-") as tmp:
         if args.profile:
             profile = cProfile.Profile()
             one_run(server, Path(tmp) / "run", args.files, profile)
-            stats = pstats.Stats(profile).sort_stats(os.environ.get("SORT", "tottime"))
-            stats.print_stats(int(os.environ.get("TOP", "40")))
+            print_profile(profile)
             return 0
         costs = [one_run(server, Path(tmp) / "run", args.files, None) for _ in range(args.runs)]
-    for index, what in enumerate(("sending thread", "process")):
-        print(f"upload {what} CPU per file (us): " + " ".join(f"{cost[index] * 1e6:.0f}" for cost in costs)
-              + f"; min {min(cost[index] for cost in costs) * 1e6:.0f}")
+    print_costs(costs, ("upload sending thread", "upload process"))
     return 0
 
 
